@@ -1,0 +1,1 @@
+from curvzo.optim import CurvZO, MeZO, ZOOptimizer

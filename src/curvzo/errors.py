@@ -1,0 +1,50 @@
+"""Exception and warning types.
+
+Each error also subclasses the built-in a caller would naturally catch (PEFT's convention), so
+``except ValueError`` keeps working while ``except CurvzoError`` catches every input problem the
+CLI turns into one stderr line and exit code 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CurvzoError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "UnknownTaskError",
+    "CheckpointError",
+    "CurvzoWarning",
+]
+
+
+class CurvzoError(Exception):
+    """Base class for every problem with a user's input (config, data, model, run folder)."""
+
+
+class ConfigError(CurvzoError, ValueError):
+    """A configuration value or combination of values is invalid."""
+
+
+class DataError(CurvzoError, ValueError):
+    """A data file is missing, malformed, or does not fit its task."""
+
+
+class ModelError(CurvzoError, ValueError):
+    """A model cannot be found, fetched or loaded."""
+
+
+class UnknownTaskError(CurvzoError, KeyError):
+    """A task name is not in the registry; the message lists close matches."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; a message reads better unquoted.
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(CurvzoError, ValueError):
+    """A run folder or checkpoint cannot be resumed from."""
+
+
+class CurvzoWarning(UserWarning):
+    """A recoverable situation the user should know about."""
