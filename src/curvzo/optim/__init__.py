@@ -1,0 +1,46 @@
+"""The ZO engine: zeroth-order optimizers with the ``torch.optim`` contract.
+
+Imports torch and the standard library only (a test enforces it), so the engine can be used
+with any model, not only Hugging Face ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .curvzo import CurvZO
+from .mezo import MeZO
+from .optimizer import StepInfo, StepRecord, ZOOptimizer, decay_param_groups
+
+__all__ = [
+    "ZOOptimizer",
+    "MeZO",
+    "CurvZO",
+    "StepRecord",
+    "StepInfo",
+    "decay_param_groups",
+    "OPTIMIZERS",
+    "PRESETS",
+    "build_optimizer",
+]
+
+OPTIMIZERS: dict[str, type[ZOOptimizer]] = {"mezo": MeZO, "curvzo": CurvZO}
+
+#: Named configurations: (optimizer class, options). "curvzo-ref" is the reference port's
+#: configuration, kept for comparison; "curvzo" is the library default.
+PRESETS: dict[str, tuple[type[ZOOptimizer], dict[str, Any]]] = {
+    "mezo": (MeZO, {}),
+    "curvzo-ref": (CurvZO, {}),
+    "curvzo": (CurvZO, {}),
+    "uniform-sparse": (CurvZO, {"sampling": "uniform"}),
+    "curvzo-fixed": (CurvZO, {"budget": 0.4}),
+}
+
+
+def build_optimizer(name: str, params: Iterable, **kwargs: Any) -> ZOOptimizer:
+    """Instantiate a preset by name; ``kwargs`` override the preset's options."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown ZO method {name!r} (choose from {', '.join(PRESETS)})")
+    cls, options = PRESETS[name]
+    return cls(params, **{**options, **kwargs})

@@ -1,0 +1,300 @@
+"""Generic checks run over every ZO configuration (torch.optim's OptimizerInfo pattern)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from curvzo.optim import PRESETS, CurvZO, MeZO, build_optimizer, decay_param_groups
+
+
+@dataclass(frozen=True)
+class Case:
+    desc: str
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+
+
+CASES = [
+    Case("mezo", MeZO),
+    Case("curvzo-pps", CurvZO),
+    Case("curvzo-multinomial", CurvZO, {"sampling": "multinomial"}),
+    Case("curvzo-uniform", CurvZO, {"sampling": "uniform"}),
+    Case("curvzo-square-explore-floor", CurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
+    Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
+]
+IDS = [c.desc for c in CASES]
+
+BAD_INPUTS = [
+    (MeZO, {"lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
+    (MeZO, {"eps": 0.0}, ValueError, "Invalid eps"),
+    (MeZO, {"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
+    (MeZO, {"seed": 1.5}, TypeError, "seed must be an int"),
+    (MeZO, {"block_size": 0}, ValueError, "Invalid block_size: 0"),
+    (CurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
+    (CurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
+    (CurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
+    (CurvZO, {"pi_floor": 0.1, "sampling": "uniform"}, ValueError, "pi_floor requires sampling='pps'"),
+    (CurvZO, {"budget": 0.0}, ValueError, "Invalid budget: 0.0"),
+    (CurvZO, {"budget": "fixed"}, ValueError, "Invalid budget: 'fixed'"),
+    (CurvZO, {"init_fraction": 1.5}, ValueError, "Invalid init_fraction: 1.5"),
+    (CurvZO, {"budget_every": 0}, ValueError, "Invalid budget_every: 0"),
+    (CurvZO, {"score_beta": 0.0}, ValueError, "Invalid score_beta: 0.0"),
+]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (4,), (3, 5), (2,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def quadratic(params, scales=(1.0, 0.5, 2.0, 1.0)):
+    return lambda: sum(s * (p.float() ** 2).sum() for s, p in zip(scales, params))
+
+
+@pytest.mark.parametrize("cls,kwargs,exc,msg", BAD_INPUTS)
+def test_bad_inputs(cls, kwargs, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)):
+        cls(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_descends_on_quadratic(case):
+    params = make_params()
+    f = quadratic(params)
+    start = f().item()
+    opt = case.cls(params, lr=0.004, eps=1e-3, seed=1, **case.kwargs)
+    for _ in range(400):
+        opt.step(f)
+    assert f().item() < 0.5 * start
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lr_zero_is_bit_exact(case, dtype):
+    params = make_params(dtype)
+    before = [p.detach().clone() for p in params]
+    opt = case.cls(params, lr=0.0, eps=1e-2, weight_decay=0.1, seed=3, **case.kwargs)
+    for _ in range(25):
+        opt.step(quadratic(params))
+    for p, b in zip(params, before):
+        assert torch.equal(p, b) and p.dtype == dtype
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nan_loss_skips_step(case):
+    params = make_params()
+    opt = case.cls(params, lr=0.1, seed=0, **case.kwargs)
+    opt.step(quadratic(params))
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt._global_state())
+    state_before.pop("sampler_state", None)
+    opt.step(lambda: torch.tensor(float("nan")))
+    assert opt.last_step.skipped
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    state_after = {k: v for k, v in opt._global_state().items() if k != "sampler_state"}
+    assert state_after.keys() == state_before.keys()
+    for key, value in state_before.items():
+        assert torch.equal(state_after[key], value) if torch.is_tensor(value) else state_after[key] == value
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_global_rng_untouched(case):
+    params = make_params()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    opt = case.cls(params, lr=0.01, seed=0, **case.kwargs)
+    for _ in range(5):
+        opt.step(quadratic(params))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_closure_called_twice_and_required(case):
+    params = make_params()
+    opt = case.cls(params, lr=0.01, seed=0, **case.kwargs)
+    calls = []
+    f = quadratic(params)
+    loss = opt.step(lambda: calls.append(1) or f())
+    assert len(calls) == 2
+    info = opt.last_step
+    assert loss == pytest.approx(0.5 * (info.loss_plus + info.loss_minus))
+    assert info.grad == pytest.approx((info.loss_plus - info.loss_minus) / (2 * opt.eps))
+    with pytest.raises(RuntimeError, match="requires a closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_dict_resume_is_bit_identical(case):
+    params = make_params()
+    opt = case.cls(params, lr=0.01, seed=7, **case.kwargs)
+    for _ in range(23):
+        opt.step(quadratic(params))
+    saved_weights = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(opt.state_dict())
+
+    clones = [torch.nn.Parameter(w.clone()) for w in saved_weights]
+    resumed = case.cls(clones, lr=0.01, seed=999, **case.kwargs)
+    resumed.load_state_dict(saved_state)
+    for _ in range(23):  # lockstep: the trajectories must agree at every step
+        opt.step(quadratic(params))
+        resumed.step(quadratic(clones))
+        assert opt.last_step.record == resumed.last_step.record
+        for a, b in zip(params, clones):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_records_replay_to_identical_weights(case):
+    params = make_params()
+    start = [p.detach().clone() for p in params]
+    opt = case.cls(params, lr=0.01, weight_decay=0.05, seed=5, **case.kwargs)
+    records = []
+    for _ in range(30):
+        opt.step(quadratic(params))
+        records.append(opt.last_step.record)
+
+    replica = [torch.nn.Parameter(s.clone()) for s in start]
+    applier = case.cls(replica, lr=0.01, seed=0, **case.kwargs)
+    for record in records:
+        applier.apply(record)
+    for a, b in zip(params, replica):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_noise_drawn_at_most_three_times_per_sampled_block(case):
+    params = make_params()
+    opt = case.cls(params, lr=0.01, seed=0, **case.kwargs)
+    for _ in range(10):
+        before = opt._noise.draws
+        opt.step(quadratic(params))
+        sampled = sum(opt.blocks[i].numel for i in opt.last_step.record.blocks)
+        assert opt._noise.draws - before == 3 * sampled
+
+
+def test_block_noise_is_pure_function_of_seed_and_block():
+    params = make_params()
+    opt = MeZO(params, block_size=8)
+    b0, b3 = opt.blocks[0], opt.blocks[3]
+    first = opt._noise.noise(b3, 42).clone()
+    opt._noise.noise(b0, 42)
+    opt._noise.noise(b3, 43)
+    assert torch.equal(opt._noise.noise(b3, 42), first)
+
+
+def test_row_blocks_align_with_rows():
+    emb = torch.nn.Parameter(torch.zeros(10, 4))
+    opt = MeZO([emb], block_size=9)  # 9 elements round down to 2 whole rows
+    assert [(b.start, b.end) for b in opt.blocks] == [(i, min(i + 8, 40)) for i in range(0, 40, 8)]
+
+
+def test_tied_parameters_are_one_block():
+    emb = torch.nn.Embedding(7, 3)
+    head = torch.nn.Linear(3, 7, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    opt = MeZO(model.parameters(), lr=0.1)
+    assert len(opt.blocks) == 1
+    opt.step(lambda: head(emb(torch.tensor([1, 2]))).square().sum())
+    assert head.weight is emb.weight
+
+
+def test_param_groups_and_scheduler():
+    a, b = make_params()[:2]
+    opt = MeZO([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    f = lambda: (a**2).sum() + (b**2).sum()
+    opt.step(f)
+    assert opt.last_step.record.lr == (0.1, 0.5)
+    sched.step()
+    opt.step(f)
+    assert opt.last_step.record.lr == (0.05, 0.25)
+
+
+def test_weight_decay_only_on_decay_group():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    groups = decay_param_groups(model.named_parameters(), weight_decay=0.5)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = MeZO(groups, lr=0.1, seed=0)
+    opt.step(lambda: torch.tensor(1.0))  # flat loss: g = 0, only decay moves weights
+    after = list(model.parameters())
+    assert torch.allclose(after[0], before[0] * (1 - 0.1 * 0.5))
+    for p, b in zip(after[1:], before[1:]):
+        assert torch.equal(p, b)
+
+
+def test_hf_estimator_is_unbiased_for_every_sampling():
+    """Mean of many HT-corrected sparse estimates approaches the true gradient (linear loss)."""
+    for sampling in ("pps", "multinomial", "uniform"):
+        params = make_params()
+        coeffs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+        true = torch.cat([c.flatten() for c in coeffs])
+        f = lambda: sum((c * p).sum() for c, p in zip(coeffs, params))
+        opt = CurvZO(params, lr=1.0, eps=1e-3, seed=11, sampling=sampling, budget=0.5)
+        start = [p.detach().clone() for p in params]
+        total = torch.zeros_like(true)
+        n = 4000
+        for _ in range(n):
+            opt.step(f)
+            total += torch.cat([(s - p.detach()).flatten() for s, p in zip(start, params)])
+            for p, s in zip(params, start):
+                p.data.copy_(s)
+        mean = total / n
+        assert torch.linalg.vector_norm(mean - true) < 0.15 * torch.linalg.vector_norm(true), sampling
+
+
+def test_curvzo_concentrates_on_high_energy_blocks():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(20, generator=g)) for _ in range(10)]
+    scales = [100.0] + [0.01] * 9  # block 0 holds nearly all the gradient energy
+    f = lambda: sum(s * (p**2).sum() for s, p in zip(scales, params))
+    opt = CurvZO(params, lr=0.0, eps=1e-3, seed=0)
+    for _ in range(200):
+        opt.step(f)
+    pi = opt.inclusion_probabilities()
+    # The reference rule shares each step's credit with every co-sampled block, so it
+    # concentrates only mildly; the contrast feedback estimates energies per block.
+    assert pi[0] == pi.max() and pi[0] > 1.1 * pi[1:].mean()
+
+
+@pytest.mark.parametrize("sampling", ["pps", "uniform"])
+def test_adaptive_budget_stays_in_bounds(sampling):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, generator=g)) for _ in range(40)]
+    f = lambda: sum((i + 1) ** 2 * (p**2).sum() for i, p in enumerate(params))
+    opt = CurvZO(params, lr=1e-4, seed=0, sampling=sampling, budget_every=5)
+    for _ in range(300):
+        opt.step(f)
+        assert 0.1 - 1e-12 <= opt.budget_fraction() <= 0.8 + 1e-12
+
+
+def test_presets_cover_the_ablations():
+    params = make_params()
+    assert build_optimizer("uniform-sparse", params).sampling == "uniform"
+    assert build_optimizer("curvzo-fixed", params).budget == 0.4
+    assert isinstance(build_optimizer("mezo", params), MeZO)
+    with pytest.raises(ValueError, match="Unknown ZO method 'adam'"):
+        build_optimizer("adam", params)
+    assert set(PRESETS) >= {"mezo", "curvzo", "curvzo-ref", "uniform-sparse", "curvzo-fixed"}
+
+
+def test_scores_stay_float64_across_bf16_state_dict():
+    params = make_params(torch.bfloat16)
+    opt = CurvZO(params, lr=0.01, seed=0)
+    for _ in range(5):
+        opt.step(quadratic(params))
+    state = copy.deepcopy(opt.state_dict())
+    other = CurvZO([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.01)
+    other.load_state_dict(state)
+    assert other.scores.dtype == torch.float64
+    assert torch.equal(other.scores, opt.scores)
+    assert math.isclose(other.budget_fraction(), opt.budget_fraction())
