@@ -298,3 +298,24 @@ def test_scores_stay_float64_across_bf16_state_dict():
     assert other.scores.dtype == torch.float64
     assert torch.equal(other.scores, opt.scores)
     assert math.isclose(other.budget_fraction(), opt.budget_fraction())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_active_rows_restrict_sampling_to_blocks_that_matter(case):
+    emb = torch.nn.Parameter(torch.randn(12, 4, generator=torch.Generator().manual_seed(0)))
+    bias = torch.nn.Parameter(torch.zeros(3))
+    opt = case.cls([emb, bias], lr=0.05, seed=0, **{**case.kwargs, "block_size": 4})
+    rows = torch.tensor([1, 7])
+    f = lambda: (emb[rows] ** 2).sum() + (bias**2).sum()
+    before = emb.detach().clone()
+    active = opt.rows_active(emb, rows)
+    assert int(active.sum()) == 3  # two row blocks and the bias
+    for _ in range(50):
+        opt.step(f, active=active)
+        assert set(opt.last_step.record.blocks) <= set(active.nonzero().flatten().tolist())
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(emb[untouched], before[untouched])
+    assert not torch.equal(emb[rows], before[rows])
+    with pytest.raises(ValueError, match="active must be a bool tensor"):
+        opt.step(f, active=torch.ones(2, dtype=torch.bool))

@@ -42,7 +42,8 @@ def draw_multinomial(p: torch.Tensor, k: int, gen: torch.Generator) -> tuple[tor
     return chosen, torch.clamp(k * p, max=1.0)
 
 
-def draw_uniform(d: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k of d blocks uniformly; pi = k/d for every block (the "uniform sampling" ablation)."""
-    chosen = torch.randperm(d, generator=gen)[:k].sort().values
-    return chosen, torch.full((d,), k / d, dtype=torch.float64)
+def draw_uniform(candidates: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k of the candidate ids uniformly; pi = k/len(candidates) (the "uniform sampling" ablation)."""
+    n = candidates.numel()
+    chosen = candidates[torch.randperm(n, generator=gen)[:k]].sort().values
+    return chosen, torch.full((chosen.numel(),), k / n, dtype=torch.float64)

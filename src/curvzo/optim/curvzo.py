@@ -145,40 +145,50 @@ class CurvZO(ZOOptimizer):
         return state["k"] / len(self.blocks)
 
     # ----------------------------------------------------------------- sampling
-    def sampling_distribution(self) -> torch.Tensor:
-        """p_b: scores normalised (floored at 1e-12), mixed with uniform when exploring."""
+    def sampling_distribution(self, active: torch.Tensor | None = None) -> torch.Tensor:
+        """p_b: scores normalised (floored at 1e-12) over the active blocks, mixed with uniform."""
         state = self._global_state()
         p = state["scores"].clamp_min(1e-12)
+        if active is not None:
+            p = p * active
         p = p / p.sum()
         alpha = state["alpha"]
-        return (1.0 - alpha) * p + alpha / p.numel() if alpha else p
+        if not alpha:
+            return p
+        support = torch.ones_like(p) if active is None else active.to(p.dtype)
+        return (1.0 - alpha) * p + alpha * support / support.sum()
 
-    def inclusion_probabilities(self) -> torch.Tensor:
-        """pi_b the next pps step would use (for analysis; the step recomputes it)."""
-        d = len(self.blocks)
-        p = self.sampling_distribution()
+    def inclusion_probabilities(self, active: torch.Tensor | None = None) -> torch.Tensor:
+        """pi_b of every block for the next step (0 outside ``active``); pps draws with exactly these."""
+        k = self._k_int(active)
         if self.sampling == "uniform":
-            return torch.full((d,), self._k_int() / d, dtype=torch.float64)
+            support = torch.ones(len(self.blocks), dtype=torch.float64) if active is None else active.double()
+            return support * k / support.sum()
+        p = self.sampling_distribution(active)
         if self.sampling == "multinomial":
-            return torch.clamp(self._k_int() * p, max=1.0)
-        pi = pps_inclusion(p, self._k_int())
-        return pi.clamp_min(self.pi_floor) if self.pi_floor else pi
+            return torch.clamp(k * p, max=1.0)
+        pi = pps_inclusion(p, k)
+        if self.pi_floor:
+            pi = pi.clamp_min(self.pi_floor) if active is None else torch.where(active, pi.clamp_min(self.pi_floor), pi)
+        return pi
 
-    def _k_int(self) -> int:
+    def _k_int(self, active: torch.Tensor | None) -> int:
+        """Blocks to draw: the budget fraction of the blocks that can be drawn."""
         d = len(self.blocks)
-        return min(max(int(math.floor(self._global_state()["k"])), 1), d)
+        n = d if active is None else int(active.sum())
+        return min(max(int(math.floor(self._global_state()["k"] * n / d)), 1), n)
 
-    def _sample(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
             self._update_budget(state)
-        d, k = len(self.blocks), self._k_int()
         if self.sampling == "uniform":
-            ids, pi = draw_uniform(d, k, self._sampler)
-        elif self.sampling == "multinomial":
-            ids, pi = draw_multinomial(self.sampling_distribution(), k, self._sampler)
-        else:
-            pi = self.inclusion_probabilities()
-            ids = draw_poisson(pi, self._sampler)
+            candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
+            return draw_uniform(candidates, self._k_int(active), self._sampler)
+        if self.sampling == "multinomial":
+            ids, pi = draw_multinomial(self.sampling_distribution(active), self._k_int(active), self._sampler)
+            return ids, pi[ids]
+        pi = self.inclusion_probabilities(active)
+        ids = draw_poisson(pi, self._sampler)
         return ids, pi[ids]
 
     def _update_budget(self, state: dict[str, Any]) -> None:

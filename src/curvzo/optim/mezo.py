@@ -50,6 +50,6 @@ class MeZO(ZOOptimizer):
             params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size
         )
 
-    def _sample(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        d = len(self.blocks)
-        return torch.arange(d), torch.ones(d, dtype=torch.float64)
+    def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
+        return ids, torch.ones(ids.numel(), dtype=torch.float64)

@@ -166,8 +166,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._sampler.set_state(self._global_state()["sampler_state"].cpu())
 
     # ----------------------------------------------------------------- what subclasses define
-    def _sample(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (sampled block ids, their inclusion probabilities)."""
+    def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (sampled block ids, their inclusion probabilities), drawn from ``active`` blocks."""
         raise NotImplementedError
 
     def _observe(self, state: dict[str, Any], record: StepRecord, sq_norms: torch.Tensor) -> None:
@@ -178,11 +178,32 @@ class ZOOptimizer(torch.optim.Optimizer):
         return 1.0
 
     # ----------------------------------------------------------------- the step
+    def blocks_of(self, param: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids of ``param``'s blocks, or of those holding any of ``rows`` (dim 0 indices)."""
+        ids = [b.index for b in self.blocks if b.param is param]
+        if not ids:
+            raise ValueError("parameter is not managed by this optimizer")
+        ids_t = torch.tensor(ids)
+        if rows is None:
+            return ids_t
+        rows_per_block = self.blocks[ids[0]].numel * param.shape[0] // param.numel()
+        return ids_t[torch.unique(torch.as_tensor(rows).flatten() // rows_per_block)]
+
+    def rows_active(self, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mask for ``step(active=...)``: every block active except ``param``'s rows not in ``rows``."""
+        mask = torch.ones(len(self.blocks), dtype=torch.bool)
+        mask[self.blocks_of(param)] = False
+        mask[self.blocks_of(param, rows)] = True
+        return mask
+
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, active: torch.Tensor | None = None) -> float:  # type: ignore[override]
         """One two-point ZO step; ``closure`` evaluates the loss (no backward) and is called twice.
 
-        Returns the mean of the two losses. A step whose loss or projected gradient is not finite
+        ``active`` (bool, one entry per block) restricts sampling to blocks that can change this
+        step's loss, e.g. the embedding rows of the tokens in the batch and of the scored output
+        tokens. Leaving out blocks whose gradient is exactly zero keeps the estimator unbiased
+        while removing their noise. Returns the mean of the two losses. A step whose loss or projected gradient is not finite
         is skipped: weights and optimizer statistics stay as they were (only the sampler advances,
         so the next step tries a fresh direction) and ``last_step.skipped`` is True.
         """
@@ -191,7 +212,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         state = self._global_state()
         budget = self.budget_fraction()
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self._sampler))
-        ids, pi = self._sample(state)
+        if active is not None and (active.dtype != torch.bool or active.shape != (len(self.blocks),)):
+            raise ValueError(f"active must be a bool tensor of shape ({len(self.blocks)},)")
+        ids, pi = self._sample(state, active)
         blocks = [self.blocks[i] for i in ids.tolist()]
         loss_plus, loss_minus, sq_norms = self._evaluate(closure, seed, blocks)
         grad = (loss_plus - loss_minus) / (2.0 * self.eps)
