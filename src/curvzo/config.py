@@ -1,0 +1,161 @@
+"""TrainConfig: every knob of a run, from YAML and/or ``key=value`` overrides, validated at once.
+
+YAML keys equal the field names; a ``task:`` may be a registered name or a whole task definition
+(a mapping, see :func:`curvzo.tasks.task_from_dict`). All problems are collected and reported in
+one :class:`~curvzo.errors.ConfigError` before anything heavy (a model) is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides"]
+
+ZO_METHODS = ("curvzo", "curvzo-ref", "mezo", "uniform-sparse", "curvzo-fixed")
+FO_METHODS = ("adamw", "sgd")
+METHODS = ZO_METHODS + FO_METHODS
+PEFT_MODES = ("none", "lora", "prefix")
+DTYPES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("loss", "accuracy", "f1")
+
+#: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
+#: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
+DEFAULT_LR = {"zo": (1e-5, 1e-3), "adamw": (1e-5, 1e-4), "sgd": (1e-3, 1e-2)}
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. The defaults are the embedded demo: CurvZO on SmolLM2-135M and MR."""
+
+    model: str = field(default="smollm2-135m", metadata=_help("alias, hub id or local folder"))
+    gguf_file: str | None = field(default=None, metadata=_help("GGUF file inside `model` to load"))
+    task: Any = field(default="mr", metadata=_help("registered task name or a task definition mapping"))
+    data_dir: str | None = field(default=None, metadata=_help("folder of <task>/*.jsonl files (else hub)"))
+    method: str = field(default="curvzo", metadata=_help(f"one of {', '.join(METHODS)}"))
+    peft: str = field(default="none", metadata=_help("none | lora | prefix"))
+    steps: int = field(default=200, metadata=_help("optimizer steps"))
+    lr: float | None = field(default=None, metadata=_help("learning rate (default: per method, DEFAULT_LR)"))
+    eps: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
+    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay (not on biases/norms)"))
+    batch_size: int = field(default=16, metadata=_help("training examples per step"))
+    eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation forward"))
+    seed: int = field(default=0, metadata=_help("seeds data sampling, batch order and the optimizer"))
+    eval_every: int = field(default=50, metadata=_help("steps between dev evaluations (and checkpoints)"))
+    num_train: int = field(default=1000, metadata=_help("training examples drawn (MeZO protocol)"))
+    num_dev: int = field(default=200, metadata=_help("dev examples drawn from the train split"))
+    num_test: int = field(default=500, metadata=_help("test examples drawn from the validation split"))
+    max_length: int = field(default=128, metadata=_help("token cap per sequence (prompts cut from the left)"))
+    dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
+    objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
+    optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
+    output_dir: str = field(default="runs/default", metadata=_help("run folder (created)"))
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    @property
+    def is_zo(self) -> bool:
+        return self.method in ZO_METHODS
+
+    def resolved_lr(self) -> float:
+        """The learning rate the run uses: ``lr`` or the method's default for the mode."""
+        if self.lr is not None:
+            return self.lr
+        full, adapter = DEFAULT_LR["zo" if self.is_zo else self.method]
+        return full if self.peft == "none" else adapter
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each as one phrase naming the field (empty when valid)."""
+        out = []
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES)):
+            if getattr(self, name) not in allowed:
+                out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                out.append(f"`{name}` must be an integer >= 1, got {value!r}")
+        if self.lr is not None and not _positive(self.lr):
+            out.append(f"`lr` must be a finite number > 0, got {self.lr!r}")
+        if not _positive(self.eps):
+            out.append(f"`eps` must be a finite number > 0, got {self.eps!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            out.append(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            out.append(f"`seed` must be an integer, got {self.seed!r}")
+        if self.objective != "loss" and self.method in FO_METHODS:
+            out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
+        if not isinstance(self.optimizer_options, dict):
+            out.append("`optimizer_options` must be a mapping")
+        if not isinstance(self.task, (str, dict)):
+            out.append("`task` must be a task name or a task definition mapping")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then ``overrides`` (flags win); unknown keys are errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for key in ("lr", "eps", "weight_decay"):  # YAML reads 1e-5 as a string
+        if isinstance(values.get(key), str):
+            values[key] = _number(key, values[key])
+    return TrainConfig(**values)
+
+
+def _number(key: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"`{key}` must be a number, got {raw!r}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-5", "steps=10"]`` -> ``{"lr": 1e-05, "steps": 10}`` (values read as YAML)."""
+    return dict(_parse_override(item) for item in items)
