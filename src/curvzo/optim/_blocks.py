@@ -49,10 +49,15 @@ def _chunk_elements(param: torch.Tensor, block_size: int | None) -> int:
     return block_size
 
 
-def build_blocks(param_groups: list[dict], block_size: int | None) -> list[Block]:
-    """Blocks in a fixed order (groups, then parameters, then chunks): the order is the block id."""
+def build_blocks(param_groups: list[dict]) -> list[Block]:
+    """Blocks in a fixed order (groups, then parameters, then chunks): the order is the block id.
+
+    Each group may set its own ``block_size``, e.g. one embedding row per block for the embedding
+    group while every other tensor stays one block.
+    """
     blocks: list[Block] = []
     for g, group in enumerate(param_groups):
+        block_size = group.get("block_size")
         for p in group["params"]:
             if not p.is_contiguous():
                 raise ValueError("ZO optimizers need contiguous parameters (blocks are slices of storage)")

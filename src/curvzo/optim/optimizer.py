@@ -90,7 +90,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps (float): perturbation scale of the two-point estimate (not Adam's epsilon).
         seed (int): seed of the optimizer's own generators; same seed, same machine, same run.
         block_size (int, optional): split tensors larger than this many elements into blocks
-            (whole rows for matrices). Default: one block per tensor.
+            (whole rows for matrices); a group may set its own. Default: one block per tensor.
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -112,12 +112,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps (perturbation scale): {eps}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
-            raise ValueError(f"Invalid block_size: {block_size}")
         self.eps = float(eps)
-        self.block_size = block_size
         self._blocks: list[Block] | None = None
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "block_size": block_size})
         self._noise = NoiseSource()
         self._sampler = torch.Generator()  # step seeds and block draws; CPU so states are portable
         self._sampler.manual_seed(seed)
@@ -128,10 +125,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     def blocks(self) -> list[Block]:
         """Blocks in id order; rebuilt lazily when parameter groups change."""
         if self._blocks is None:
-            self._blocks = build_blocks(self.param_groups, self.block_size)
+            self._blocks = build_blocks(self.param_groups)
         return self._blocks
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        block_size = param_group.get("block_size", self.defaults.get("block_size"))
+        if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"Invalid block_size: {block_size}")
         super().add_param_group(param_group)
         self._blocks = None
 
@@ -160,6 +160,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if isinstance(value, torch.Tensor)
         }
         super().load_state_dict(state_dict)
+        self._blocks = None  # groups (and their block sizes) come from the state dict
         params = [p for group in self.param_groups for p in group["params"]]
         for (idx, key), value in exact.items():
             self.state[params[idx]][key] = value
