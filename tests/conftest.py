@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real task data (``$CURVZO_DATA_DIR``, default ``<repo>/../shared/data``); skip if absent."""
+    path = Path(os.environ.get("CURVZO_DATA_DIR") or REPO.parent / "shared" / "data")
+    if not path.is_dir():
+        pytest.skip(f"real task data not found at {path} (set CURVZO_DATA_DIR)")
+    return path
