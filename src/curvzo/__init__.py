@@ -1,1 +1,32 @@
-from curvzo.optim import CurvZO, MeZO, ZOOptimizer
+"""curvzo: memory-efficient zeroth-order fine-tuning of Hugging Face language models.
+
+    >>> import curvzo
+    >>> opt = curvzo.CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
+    >>> loss = opt.step(lambda: loss_fn(model(**batch)))
+
+The optimizers import torch only; the harness (tasks, data, models, training loop) is loaded on
+first use, so ``import curvzo`` stays cheap and transformers-free.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .optim import PRESETS, CurvZO, MeZO, ZOOptimizer, build_optimizer
+
+__all__ = [
+    "MeZO", "CurvZO", "ZOOptimizer", "PRESETS", "build_optimizer",
+    "TrainConfig", "load_config", "train", "evaluate_run", "get_task", "list_tasks", "load_model",
+]
+
+_LAZY = {
+    "TrainConfig": "config", "load_config": "config", "train": "finetune", "evaluate_run": "finetune",
+    "get_task": "tasks", "list_tasks": "tasks", "load_model": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'curvzo' has no attribute {name!r}")

@@ -60,6 +60,10 @@ class TrainConfig:
     dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
     objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
+    embedding_rows: bool | None = field(
+        default=None,
+        metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo only)"),
+    )
     output_dir: str = field(default="runs/default", metadata=_help("run folder (created)"))
 
     def __post_init__(self) -> None:

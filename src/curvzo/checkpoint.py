@@ -1,0 +1,118 @@
+"""Run folders: resolved config, step log, checkpoints and results, each written atomically.
+
+A checkpoint is a folder ``checkpoint/`` with the trainable weights (safetensors) and
+``state.pt`` (optimizer state, step, counters, best dev record). It is written as
+``checkpoint.tmp/`` and swapped in by renames, so a crash at any point leaves a loadable
+``checkpoint/`` or ``checkpoint.old/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write, write_text
+
+__all__ = ["RunDir"]
+
+# Keys that may differ between a run and its resumption without changing the trajectory.
+_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size"}
+
+
+class RunDir:
+    """The output folder of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ setup
+    def check_writable(self) -> None:
+        """Fail before any work if the folder cannot be created or written; creates nothing."""
+        existing = self.path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"output folder {self.path} is not writable ({existing} is not a writable folder)")
+
+    def prepare(self, cfg: TrainConfig, *, resume: bool) -> None:
+        """Create the folder (or check it belongs to ``cfg`` on resume) and write ``config.yaml``."""
+        if resume:
+            self._check_same_config(cfg)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (self.path / "log.jsonl").unlink(missing_ok=True)
+        write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def read_config(self) -> TrainConfig:
+        config_file = self.path / "config.yaml"
+        if not config_file.exists():
+            raise CheckpointError(f"{self.path} is not a run folder ({config_file.name} not found)")
+        return TrainConfig(**(yaml.safe_load(config_file.read_text()) or {}))
+
+    def _check_same_config(self, cfg: TrainConfig) -> None:
+        saved = self.read_config().to_dict()
+        current = cfg.to_dict()
+        changed = sorted(k for k in current if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != current[k])
+        if changed:
+            raise CheckpointError(f"cannot resume {self.path}: config differs in {', '.join(changed)}")
+
+    # ------------------------------------------------------------------ logging
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line; a torn last line from a crash is skipped by :meth:`read_log`."""
+        with open(self.path / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        path = self.path / "log.jsonl"
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_log(self, step: int) -> None:
+        """Drop log lines past ``step``: a resumed run rewrites them identically."""
+        kept = [r for r in self.read_log() if r.get("step", 0) <= step]
+        write_text(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        tmp, final, old = (self.path / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        for name in ("checkpoint", "checkpoint.old"):
+            folder = self.path / name
+            if (folder / "state.pt").exists() and (folder / "model.safetensors").exists():
+                return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
+        raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
+
+    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
+        folder = self.path / "best"
+        folder.mkdir(exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in weights.items()}
+        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+
+    def load_best(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "best" / "model.safetensors"))

@@ -1,0 +1,161 @@
+"""``curvzo``: a thin command line over the library (parse, call, print).
+
+    curvzo train                          # embedded default: CurvZO, SmolLM2-135M, MR
+    curvzo train --config configs/sst2-curvzo.yaml --steps 500 --set optimizer_options.pi_floor=0.05
+    curvzo train --resume runs/default    # continue a run from its last checkpoint
+    curvzo eval runs/default              # dev and test metric of a run's best weights
+    curvzo plot runs/a runs/b --out cmp   # several runs on one figure
+    curvzo models list | curvzo models fetch smollm2-135m
+    curvzo tasks
+
+Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
+failures during training keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import METHODS, TrainConfig, load_config, parse_overrides
+from .errors import ConfigError, CurvzoError
+
+__all__ = ["main"]
+
+# CLI flag -> TrainConfig field; flags given on the command line win over the config file.
+_FLAGS = {
+    "--model": ("model", str), "--gguf-file": ("gguf_file", str), "--task": ("task", str),
+    "--data-dir": ("data_dir", str), "--method": ("method", str), "--peft": ("peft", str),
+    "--steps": ("steps", int), "--lr": ("lr", float), "--eps": ("eps", float),
+    "--weight-decay": ("weight_decay", float), "--batch-size": ("batch_size", int), "--seed": ("seed", int),
+    "--eval-every": ("eval_every", int), "--num-train": ("num_train", int), "--num-dev": ("num_dev", int),
+    "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
+    "--dtype": ("dtype", str), "--objective": ("objective", str),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other input error
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="curvzo", description="Zeroth-order fine-tuning of Hugging Face language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a model on a task (no arguments: the embedded demo)")
+    train.add_argument("--config", help="YAML file of TrainConfig keys")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, (name, kind) in _FLAGS.items():
+        help_text = f"one of {', '.join(METHODS)}" if name == "method" else None
+        train.add_argument(flag, dest=name, type=kind, help=help_text)
+    evaluate = sub.add_parser("eval", help="dev and test metric of a run's best weights")
+    evaluate.add_argument("run_dir")
+    plot = sub.add_parser("plot", help="re-draw figures from run folders")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("--out", help="folder for a combined figure of several runs")
+    models = sub.add_parser("models", help="list or fetch built-in model aliases")
+    models.add_argument("action", choices=["list", "fetch"])
+    models.add_argument("alias", nargs="?")
+    sub.add_parser("tasks", help="list the registered tasks")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .finetune import train
+
+    _quiet_libraries()
+    overrides: dict[str, Any] = {name: getattr(args, name) for name, _ in _FLAGS.values()}
+    overrides.update(_nested(parse_overrides(args.set)))
+    if args.resume:
+        config_file = Path(args.resume) / "config.yaml"
+        if not config_file.exists():
+            raise ConfigError(f"cannot resume: {config_file} not found (not a run folder)")
+        overrides["output_dir"] = args.resume
+        cfg = load_config(args.config or config_file, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+    results = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    metric = results["metric"]
+    print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
+          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes, "
+          f"{results['wall_time_s']:.0f} s); run folder {cfg.output_dir}")
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"optimizer_options.pi_floor": 0.05}`` -> ``{"optimizer_options": {"pi_floor": 0.05}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
+    return out
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .finetune import evaluate_run
+
+    _quiet_libraries()
+    print(json.dumps(evaluate_run(args.run_dir), indent=2))
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .plots import plot_run, plot_runs
+
+    for run in args.run_dirs:
+        if not (Path(run) / "log.jsonl").exists():
+            raise ConfigError(f"{run} is not a run folder (no log.jsonl)")
+    paths = plot_runs(args.run_dirs, args.out) if args.out else [p for r in args.run_dirs for p in plot_run(r)]
+    print("\n".join(str(p) for p in paths))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from .models import fetch_model, list_models
+
+    if args.action == "fetch":
+        if not args.alias:
+            raise ConfigError("models fetch needs an alias (see `curvzo models list`)")
+        print(fetch_model(args.alias))
+        return
+    for entry in list_models():
+        print(f"{entry.alias:16} {'cached' if entry.cached else 'not cached':11} {entry.path}  {entry.description}")
+
+
+def _tasks(args: argparse.Namespace) -> None:
+    from .tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        task = get_task(name)
+        print(f"{name:10} {task.output_type:22} {task.metric}")
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks}
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our own progress bar and errors: no per-tensor loading bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _COMMANDS[args.command](args)
+    except CurvzoError as err:
+        print(f"curvzo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

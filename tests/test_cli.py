@@ -1,0 +1,143 @@
+"""End-to-end: every method through the real CLI on a tiny model and real data slices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from curvzo.cli import main
+from curvzo.config import METHODS
+from tiny import tiny_model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved as an ordinary HF folder, so the CLI loads it like any local model."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama", seed=0).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_cli(tiny_dir: Path, data_dir: Path, out: Path, *extra: str) -> int:
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir),
+            "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4",
+            "--steps", "2", "--eval-every", "1", "--output-dir", str(out), "--no-progress", *extra]
+    return main(argv)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_writes_all_outputs(tiny_dir, data_dir, tmp_path, method):
+    out = tmp_path / method
+    assert run_cli(tiny_dir, data_dir, out, "--method", method, "--lr", "1e-3") == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("zero_shot", "best_dev", "test", "forward_passes", "wall_time_s", "method", "task", "model"):
+        assert key in results
+    assert results["method"] == method and results["task"] == "sst2"
+    assert results["forward_passes"] == (2 if method not in ("adamw", "sgd") else 1) * 2 * 4
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert (out / "config.yaml").exists() and (out / "best" / "model.safetensors").exists()
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"loss.png", "dev.png"} <= plots
+    if method.startswith("curvzo") or method == "uniform-sparse":
+        assert {"budget.png", "scores.png"} <= plots
+        assert {"grad", "budget", "blocks", "skipped"} <= set(log[0])
+
+
+def test_lora_curvzo_trains_only_the_adapter(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "lora"
+    assert run_cli(tiny_dir, data_dir, out, "--peft", "lora") == 0
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    assert saved and all("lora" in name for name in saved)
+
+
+def test_resume_continues_bit_identically(tiny_dir, data_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("--steps", "4", "--eval-every", "2", "--lr", "1e-3")
+    assert run_cli(tiny_dir, data_dir, full, *args) == 0
+    assert run_cli(tiny_dir, data_dir, part, "--steps", "2", "--eval-every", "2", "--lr", "1e-3") == 0
+    assert main(["train", "--resume", str(part), "--steps", "4", "--no-progress"]) == 0
+    a = load_file(str(full / "checkpoint" / "model.safetensors"))
+    b = load_file(str(part / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (full / "log.jsonl").read_text().count("\n") == (part / "log.jsonl").read_text().count("\n") == 4
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in path.read_text().splitlines()]
+    assert strip(full / "log.jsonl") == strip(part / "log.jsonl")
+
+
+def test_cli_equals_api(tiny_dir, data_dir, tmp_path):
+    from curvzo import TrainConfig, train
+
+    assert run_cli(tiny_dir, data_dir, tmp_path / "cli", "--lr", "1e-3") == 0
+    cfg = TrainConfig(model=str(tiny_dir), task="sst2", data_dir=str(data_dir), num_train=16, num_dev=8,
+                      num_test=8, batch_size=4, steps=2, eval_every=1, lr=1e-3, output_dir=str(tmp_path / "api"))
+    api = train(cfg, progress=False)
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert {k: v for k, v in api.items() if k != "wall_time_s"} == {k: v for k, v in cli.items() if k != "wall_time_s"}
+
+
+def test_zo_can_train_on_accuracy_objective(tiny_dir, data_dir, tmp_path):
+    assert run_cli(tiny_dir, data_dir, tmp_path / "acc", "--method", "mezo", "--objective", "accuracy") == 0
+
+
+def test_generation_task_runs(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "squad"
+    argv = ["train", "--model", str(tiny_dir), "--task", "squad", "--data-dir", str(data_dir), "--num-train", "4",
+            "--num-dev", "2", "--num-test", "2", "--batch-size", "2", "--steps", "1", "--max-length", "96",
+            "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["metric"] == "f1"
+
+
+def test_eval_and_plot_commands(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(tiny_dir, data_dir, out) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"task", "metric", "dev", "test"}
+    assert main(["plot", str(out), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "dev.png").exists()
+
+
+BAD = [
+    (["--task", "sst3"], "Unknown task 'sst3'. Did you mean: sst2"),
+    (["--method", "adam"], "`method` must be one of"),
+    (["--lr", "0"], "`lr` must be a finite number > 0"),
+    (["--eps=-1e-3"], "`eps` must be a finite number > 0"),
+    (["--steps", "0"], "`steps` must be an integer >= 1"),
+    (["--peft", "qlora"], "`peft` must be one of"),
+    (["--set", "colour=blue"], "unknown config key(s): colour"),
+    (["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--objective", "f1", "--method", "adamw"], "not differentiable"),
+    (["--set", "optimizer_options={sampling: random}"], "sampling"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, data_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert run_cli(tiny_dir, data_dir, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curvzo: error:") and message in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tiny_dir, data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_cli(tiny_dir, data_dir, blocker / "run") == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_config(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(tiny_dir, data_dir, out) == 0
+    assert main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"]) == 2
+    assert "config differs in lr" in capsys.readouterr().err
