@@ -1,0 +1,33 @@
+"""Each ZO configuration fine-tunes real architectures (tiny Llama and OPT from configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvzo import scoring
+from curvzo.optim import PRESETS, build_optimizer
+from curvzo.tasks import Example
+from tiny import tiny_model, tokenizer
+
+EXAMPLES = [
+    Example("a gorgeous, witty, seductive movie. It was", (" terrible", " great"), 1),
+    Example("the plot is nothing but boilerplate clichés. It was", (" terrible", " great"), 0),
+    Example("an utterly charming and hilarious film. It was", (" terrible", " great"), 1),
+    Example("it's a bad sign when you're rooting for the villain. It was", (" terrible", " great"), 0),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_loss_goes_down_on_a_fixed_batch(arch, method):
+    model = tiny_model(arch, seed=0)
+    batch = scoring.encode(tokenizer(), EXAMPLES, max_length=32)
+    loss = lambda: scoring.classification_loss(model, batch)
+    with torch.no_grad():
+        start = float(loss())
+    opt = build_optimizer(method, [p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-3, seed=0)
+    for _ in range(40):
+        opt.step(loss)
+    with torch.no_grad():
+        assert float(loss()) < 0.9 * start
