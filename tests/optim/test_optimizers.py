@@ -319,3 +319,26 @@ def test_active_rows_restrict_sampling_to_blocks_that_matter(case):
     assert not torch.equal(emb[rows], before[rows])
     with pytest.raises(ValueError, match="active must be a bool tensor"):
         opt.step(f, active=torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_replaying_gradients_rebuilds_weights_and_state(case):
+    params = make_params()
+    start = [p.detach().clone() for p in params]
+    opt = case.cls(params, lr=0.01, seed=5, **case.kwargs)
+    active = torch.ones(len(opt.blocks), dtype=torch.bool)
+    active[1] = False
+    log = []
+    for i in range(30):
+        mask = active if i % 3 == 0 else None
+        closure = (lambda: torch.tensor(float("inf"))) if i == 7 else quadratic(params)
+        opt.step(closure, active=mask)
+        log.append((opt.last_step.grad, mask))
+
+    replica = [torch.nn.Parameter(s.clone()) for s in start]
+    again = case.cls(replica, lr=0.01, seed=5, **case.kwargs)
+    for grad, mask in log:
+        again.replay(grad, active=mask)
+    for a, b in zip(params, replica):
+        assert torch.equal(a, b)
+    assert again.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"] == 29

@@ -204,21 +204,50 @@ class ZOOptimizer(torch.optim.Optimizer):
         ``active`` (bool, one entry per block) restricts sampling to blocks that can change this
         step's loss, e.g. the embedding rows of the tokens in the batch and of the scored output
         tokens. Leaving out blocks whose gradient is exactly zero keeps the estimator unbiased
-        while removing their noise. Returns the mean of the two losses. A step whose loss or projected gradient is not finite
-        is skipped: weights and optimizer statistics stay as they were (only the sampler advances,
+        while removing their noise. Returns the mean of the two losses.
+
+        A step whose projected gradient is not finite (a NaN or inf loss) is skipped: weights and optimizer statistics stay as they were (only the sampler advances,
         so the next step tries a fresh direction) and ``last_step.skipped`` is True.
         """
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step requires a closure that returns the loss")
+
+        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float, torch.Tensor]:
+            loss_plus, loss_minus, sq_norms = self._evaluate(closure, seed, blocks)
+            return loss_plus, loss_minus, (loss_plus - loss_minus) / (2.0 * self.eps), sq_norms
+
+        info = self._run(active, evaluate)
+        return 0.5 * (info.loss_plus + info.loss_minus)
+
+    @torch.no_grad()
+    def replay(self, grad: float, *, active: torch.Tensor | None = None) -> StepInfo:
+        """Redo a logged step from its projected gradient alone: no closure, no forward.
+
+        Sampling, the update and the learned statistics evolve exactly as in the original step,
+        so replaying a run's gradients (and ``active`` masks) from its starting weights and
+        optimizer state rebuilds its weights bit for bit. A non-finite ``grad`` replays a skip.
+        """
+
+        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float, torch.Tensor]:
+            norms = self._noise_norms(blocks, seed) if self._needs_noise_norms and math.isfinite(grad) else None
+            return math.nan, math.nan, grad, norms if norms is not None else torch.zeros(len(blocks), dtype=torch.float64)
+
+        return self._run(active, evaluate)
+
+    def _run(
+        self,
+        active: torch.Tensor | None,
+        evaluate: Callable[[list[Block], int], tuple[float, float, float, torch.Tensor]],
+    ) -> StepInfo:
+        """Draw the step seed and blocks, obtain (L+, L-, g, ||z||^2), update and learn."""
+        if active is not None and (active.dtype != torch.bool or active.shape != (len(self.blocks),)):
+            raise ValueError(f"active must be a bool tensor of shape ({len(self.blocks)},)")
         state = self._global_state()
         budget = self.budget_fraction()
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self._sampler))
-        if active is not None and (active.dtype != torch.bool or active.shape != (len(self.blocks),)):
-            raise ValueError(f"active must be a bool tensor of shape ({len(self.blocks)},)")
         ids, pi = self._sample(state, active)
         blocks = [self.blocks[i] for i in ids.tolist()]
-        loss_plus, loss_minus, sq_norms = self._evaluate(closure, seed, blocks)
-        grad = (loss_plus - loss_minus) / (2.0 * self.eps)
+        loss_plus, loss_minus, grad, sq_norms = evaluate(blocks, seed)
         record = StepRecord(
             step=state["step"],
             seed=seed,
@@ -228,13 +257,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             lr=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decay=tuple(float(g["weight_decay"]) for g in self.param_groups),
         )
-        skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus) and math.isfinite(grad))
+        skipped = not math.isfinite(grad)
         if not skipped:
             self.apply(record)
             self._observe(state, record, sq_norms)
             state["step"] += 1
         self.last_step = StepInfo(loss_plus, loss_minus, grad, len(blocks), budget, skipped, record)
-        return 0.5 * (loss_plus + loss_minus)
+        return self.last_step
 
     def _evaluate(
         self, closure: Closure, seed: int, blocks: list[Block]
@@ -250,6 +279,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             for block, original in zip(blocks, originals):
                 block.view().copy_(original)
         return loss_plus, loss_minus, sq_norms
+
+    def _noise_norms(self, blocks: list[Block], seed: int) -> torch.Tensor:
+        """||z_b||^2 of each block, computed as ``_shift`` computes it."""
+        return torch.tensor([float(torch.dot(z, z)) for z in (self._noise.noise(b, seed) for b in blocks)], dtype=torch.float64)
 
     def _shift(
         self, blocks: list[Block], originals: list[torch.Tensor], seed: int, scale: float
