@@ -141,3 +141,28 @@ def test_resume_refuses_another_config(tiny_dir, data_dir, tmp_path, capsys):
     assert run_cli(tiny_dir, data_dir, out) == 0
     assert main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"]) == 2
     assert "config differs in lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,peft", [("curvzo", "none"), ("curvzo-ref", "none"), ("mezo", "lora")])
+def test_replay_rebuilds_the_trained_weights(tiny_dir, data_dir, tmp_path, method, peft):
+    from curvzo.finetune import replay
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_dir, data_dir, out, "--method", method, "--peft", peft, "--steps", "5", "--eval-every", "5",
+                   "--lr", "1e-3") == 0
+    trained = load_file(str(out / "checkpoint" / "model.safetensors"))
+    rebuilt = dict(replay(str(tiny_dir), out / "trajectory.czt", tmp_path / "rebuilt"))
+    assert trained.keys() == rebuilt.keys()
+    assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    assert (tmp_path / "rebuilt").is_dir()
+
+
+def test_replay_refuses_another_base_model(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(tiny_dir, data_dir, out) == 0
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tokenizer().save_pretrained(other)
+    assert main(["replay", str(other), str(out / "trajectory.czt"), "--out", str(tmp_path / "x")]) == 2
+    assert "other base weights" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

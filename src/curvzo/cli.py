@@ -7,6 +7,7 @@
     curvzo plot runs/a runs/b --out cmp   # several runs on one figure
     curvzo models list | curvzo models fetch smollm2-135m
     curvzo tasks
+    curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
 failures during training keep their traceback.
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "fetch"])
     models.add_argument("alias", nargs="?")
     sub.add_parser("tasks", help="list the registered tasks")
+    rebuild = sub.add_parser("replay", help="rebuild a ZO run's weights from its base model and trajectory")
+    rebuild.add_argument("base_model", help="alias, hub id or local folder the run started from")
+    rebuild.add_argument("trajectory", help="a run's trajectory.czt")
+    rebuild.add_argument("--out", required=True, help="folder for the rebuilt model (or adapter)")
     return parser
 
 
@@ -136,7 +141,15 @@ def _tasks(args: argparse.Namespace) -> None:
         print(f"{name:10} {task.output_type:22} {task.metric}")
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks}
+def _replay(args: argparse.Namespace) -> None:
+    from .finetune import replay
+
+    _quiet_libraries()
+    replay(args.base_model, args.trajectory, args.out)
+    print(args.out)
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay}
 
 
 def _quiet_libraries() -> None:

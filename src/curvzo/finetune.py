@@ -25,13 +25,14 @@ from . import scoring
 from .checkpoint import RunDir
 from .config import TrainConfig
 from .data import load_splits
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .io import write_json
-from .models import apply_peft, load_model, trainable_named_parameters
+from .models import apply_peft, load_model, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .tasks import Example, TaskConfig, get_task, task_from_dict
+from .trajectory import Hyper, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "setup", "TrainState"]
+__all__ = ["train", "evaluate", "evaluate_run", "replay", "setup", "TrainState"]
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainState:
     best_step: int = 0
     evals: list[dict[str, float]] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
+    trajectory_bytes: int = 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -56,6 +58,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     optimizer = build_training_optimizer(cfg, model, named)
     run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
     state = _restore(run, named, optimizer) if resume else TrainState()
+    trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
 
     def dev_metric() -> float:
         return evaluate(model, tokenizer, task, dev_set, cfg)
@@ -71,7 +74,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     while state.step < cfg.steps:
         batch_examples = train_batch(train_set, state.step, cfg)
         batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length)
-        loss, info = take_step(optimizer, model, named, task, batch, cfg)
+        active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
+        loss, info = take_step(optimizer, model, task, batch, cfg, active)
+        if trajectory is not None:
+            trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
         state.step += 1
         state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
         state.wall_time_s += time.perf_counter() - clock
@@ -87,9 +93,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             if dev > state.best_dev:
                 state.best_dev, state.best_step = dev, state.step
                 run.save_best(_weights(named))
+            state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
             run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
             clock = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
+    if trajectory is not None:
+        trajectory.close()
     _load_weights(named, run.load_best())
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
@@ -128,7 +137,7 @@ def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torc
     )
     sets = tuple([task.render(d) for d in docs] for docs in (splits.train, splits.dev, splits.test))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
-    model = apply_peft(model, cfg.peft)
+    model = apply_peft(model, cfg.peft, seed=cfg.seed)
     return task, sets, model, tokenizer, trainable_named_parameters(model)
 
 
@@ -194,10 +203,10 @@ def objective(model: torch.nn.Module, task: TaskConfig, batch: Any, kind: str) -
 def take_step(
     optimizer: torch.optim.Optimizer,
     model: torch.nn.Module,
-    named: list[tuple[str, torch.nn.Parameter]],
     task: TaskConfig,
     batch: Any,
     cfg: TrainConfig,
+    active: torch.Tensor | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """One optimizer step; returns the loss and the method's per-step facts for the log."""
     if not isinstance(optimizer, ZOOptimizer):
@@ -206,7 +215,6 @@ def take_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), {}
-    active = _active_blocks(optimizer, model, batch)
     loss = optimizer.step(lambda: objective(model, task, batch, cfg.objective), active=active)
     info = optimizer.last_step
     return loss, {"grad": info.grad, "budget": round(info.budget, 4), "blocks": info.num_blocks, "skipped": info.skipped}
@@ -235,6 +243,47 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
             batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length)
             total += scoring.accuracy(model, batch) * len(chunk)
     return total / len(examples)
+
+
+# ---------------------------------------------------------------------- trajectories
+TRAJECTORY_FILE = "trajectory.czt"
+
+
+def _hyper(optimizer: torch.optim.Optimizer) -> Hyper:
+    groups = optimizer.param_groups
+    return Hyper(tuple(float(g["lr"]) for g in groups), tuple(float(g["weight_decay"]) for g in groups))
+
+
+def _open_trajectory(
+    run: RunDir, cfg: TrainConfig, named: list, optimizer: torch.optim.Optimizer, state: TrainState, resume: bool
+) -> TrajectoryWriter | None:
+    """ZO runs log their trajectory; a resumed run cuts it back to its checkpoint."""
+    if not isinstance(optimizer, ZOOptimizer):
+        return None
+    if resume:
+        return TrajectoryWriter(run.path / TRAJECTORY_FILE, {}, resume_at=state.trajectory_bytes)
+    header = {"config": cfg.to_dict(), "fingerprint": fingerprint(named), "blocks": len(optimizer.blocks)}
+    return TrajectoryWriter(run.path / TRAJECTORY_FILE, header)
+
+
+def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
+    """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
+    header, records = read_trajectory(trajectory)
+    cfg = TrainConfig(**{**header["config"], "model": base_model})
+    model, _ = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    model = apply_peft(model, cfg.peft, seed=cfg.seed)
+    named = trainable_named_parameters(model)
+    if fingerprint(named) != header["fingerprint"]:
+        raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {base_model}")
+    optimizer = build_training_optimizer(cfg, model, named)
+    for record in records:
+        if isinstance(record, Hyper):
+            for group, lr, wd in zip(optimizer.param_groups, record.lr, record.weight_decay):
+                group["lr"], group["weight_decay"] = lr, wd
+        else:
+            optimizer.replay(record.grad, active=record.active)
+    save_trainable(model, out_dir)
+    return named
 
 
 # ---------------------------------------------------------------------- state helpers

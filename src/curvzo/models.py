@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -421,6 +422,7 @@ def apply_peft(
     lora_dropout: float = 0.0,
     target_modules: Sequence[str] | None = None,
     num_virtual_tokens: int = 10,
+    seed: int = 0,
 ) -> torch.nn.Module:
     """Choose what trains: everything (``"none"``), LoRA adapters, or a prefix.
 
@@ -435,6 +437,8 @@ def apply_peft(
             query and value projections: ``q_proj``/``v_proj`` for Llama, Qwen2 and OPT,
             ``c_attn`` for GPT-2, PEFT's default elsewhere).
         num_virtual_tokens (int): prefix length for prefix tuning (default: 10).
+        seed (int): seeds the adapter's initial weights through a private generator, so a run
+            (and its replay) starts from the same adapter without touching the global RNG.
 
     Raises:
         ConfigError: an unknown mode, an invalid hyperparameter, or an architecture PEFT cannot
@@ -463,7 +467,27 @@ def apply_peft(
     except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError) as err:
         reason = " ".join(str(err).split())
         raise ConfigError(f"PEFT cannot apply {mode} to a {model_type!r} model: {reason}") from err
+    _init_adapter(wrapped, seed)
     return wrapped.eval()
+
+
+@torch.no_grad()
+def _init_adapter(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw the adapter's random initial weights from a seeded generator (PEFT uses the global RNG).
+
+    LoRA A gets PEFT's default Kaiming-uniform draw and B stays zero, so the adapted model still
+    starts exactly at the base model; a prefix embedding gets a standard normal draw.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not param.requires_grad or "lora_B" in name:
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32)
+        if "lora_A" in name:
+            torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        else:
+            values.normal_(generator=generator)
+        param.copy_(values)
 
 
 def save_trainable(model: torch.nn.Module, folder: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,165 @@
+"""Trajectory files: a whole ZO fine-tune in a few bytes per step.
+
+Given the base model, a ZO run is determined by its configuration and, per step, the projected
+gradient (plus the ``active`` block mask when the run restricts sampling, e.g. to the embedding
+rows of each batch's tokens): the optimizer regenerates everything else (seeds, sampled blocks,
+inclusion probabilities, noise). ``curvzo replay`` rebuilds the fine-tuned weights bit for bit.
+
+Layout: a magic line, one JSON header line, then records, appended as the run goes:
+
+* ``H`` + uint16 n + n x (float64 lr, float64 weight_decay): group hyperparameters, written
+  before the first step and whenever a scheduler changes them;
+* ``S`` + float64 grad + varint r + r varints: one step; the varints are the run lengths of the
+  active mask, alternating inactive / active and starting with inactive (r = 0: no mask).
+
+A resumed run truncates the file to the byte offset stored in its checkpoint, so the file always
+matches the weights it would rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["MAGIC", "TrajectoryWriter", "Step", "Hyper", "read_trajectory", "fingerprint"]
+
+MAGIC = b"CURVZO-TRAJECTORY 1\n"
+
+
+@dataclass(frozen=True)
+class Step:
+    grad: float
+    active: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Hyper:
+    lr: tuple[float, ...]
+    weight_decay: tuple[float, ...]
+
+
+def fingerprint(named: list[tuple[str, torch.Tensor]]) -> str:
+    """Digest of the trainable tensors' names, shapes and values: a replay on other weights is refused."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _runs(mask: torch.Tensor) -> list[int]:
+    """Run lengths of a bool mask, alternating False/True, starting with False (may be 0)."""
+    values = mask.to(torch.int8)
+    change = torch.nonzero(values[1:] != values[:-1]).flatten() + 1
+    bounds = [0, *change.tolist(), values.numel()]
+    runs = [b - a for a, b in zip(bounds, bounds[1:])]
+    return runs if not bool(mask[0]) else [0, *runs]
+
+
+def _mask(runs: list[int]) -> torch.Tensor:
+    parts = [torch.full((n,), bool(i % 2), dtype=torch.bool) for i, n in enumerate(runs)]
+    return torch.cat(parts)
+
+
+class TrajectoryWriter:
+    """Appends records to a trajectory file; each record is flushed as soon as it is written."""
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any], *, resume_at: int | None = None) -> None:
+        self.path = Path(path)
+        if resume_at is None:
+            with open(self.path, "wb") as handle:
+                handle.write(MAGIC + json.dumps(header).encode() + b"\n")
+        else:
+            with open(self.path, "r+b") as handle:
+                handle.truncate(resume_at)
+        self._handle: BinaryIO = open(self.path, "ab")
+        self._hyper: Hyper | None = None
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far: what a checkpoint stores to truncate to on resume."""
+        return self._handle.tell()
+
+    def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper) -> None:
+        if hyper != self._hyper:
+            payload = struct.pack("<H", len(hyper.lr)) + b"".join(
+                struct.pack("<dd", lr, wd) for lr, wd in zip(hyper.lr, hyper.weight_decay)
+            )
+            self._handle.write(b"H" + payload)
+            self._hyper = hyper
+        runs = _runs(active) if active is not None else []
+        self._handle.write(b"S" + struct.pack("<d", grad) + _varint(len(runs)) + b"".join(map(_varint, runs)))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def read_trajectory(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[Step | Hyper]]:
+    """The header and the records of a trajectory file (a torn last record is dropped)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read trajectory {path}: {err.strerror}") from None
+    if not data.startswith(MAGIC) or b"\n" not in data[len(MAGIC) :]:
+        raise CheckpointError(f"{path} is not a curvzo trajectory file")
+    end = data.index(b"\n", len(MAGIC))
+    try:
+        header = json.loads(data[len(MAGIC) : end])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt trajectory header") from None
+    return header, _records(data, end + 1)
+
+
+def _records(data: bytes, pos: int) -> Iterator[Step | Hyper]:
+    while pos < len(data):
+        try:
+            kind = data[pos : pos + 1]
+            if kind == b"H":
+                (n,) = struct.unpack_from("<H", data, pos + 1)
+                values = struct.unpack_from(f"<{2 * n}d", data, pos + 3)
+                pos += 3 + 16 * n
+                yield Hyper(tuple(values[0::2]), tuple(values[1::2]))
+            elif kind == b"S":
+                (grad,) = struct.unpack_from("<d", data, pos + 1)
+                count, pos = _read_varint(data, pos + 9)
+                runs = []
+                for _ in range(count):
+                    run, pos = _read_varint(data, pos)
+                    runs.append(run)
+                yield Step(grad, _mask(runs) if runs else None)
+            else:
+                raise CheckpointError(f"corrupt trajectory record at byte {pos}")
+        except (struct.error, IndexError):
+            return  # a record cut short by a crash: the file ends at the last whole record
