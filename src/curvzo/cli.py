@@ -35,7 +35,7 @@ _FLAGS = {
     "--weight-decay": ("weight_decay", float), "--batch-size": ("batch_size", int), "--seed": ("seed", int),
     "--eval-every": ("eval_every", int), "--num-train": ("num_train", int), "--num-dev": ("num_dev", int),
     "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
-    "--dtype": ("dtype", str), "--objective": ("objective", str),
+    "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
 }
 
 

@@ -25,6 +25,7 @@ METHODS = ZO_METHODS + FO_METHODS
 PEFT_MODES = ("none", "lora", "prefix")
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
+ROUNDINGS = ("stochastic", "nearest")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -59,6 +60,10 @@ class TrainConfig:
     max_length: int = field(default=128, metadata=_help("token cap per sequence (prompts cut from the left)"))
     dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
     objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
+    rounding: str = field(
+        default="stochastic",
+        metadata=_help("ZO updates of bf16/fp16 weights: stochastic (unbiased) | nearest (drops small updates)"),
+    )
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(
         default=None,
@@ -85,7 +90,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):

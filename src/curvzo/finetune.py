@@ -167,7 +167,9 @@ def build_training_optimizer(
         groups = [g for g in groups if g["params"]]
         groups.append({"params": [embedding], "weight_decay": cfg.weight_decay, "block_size": embedding.shape[1]})
     try:
-        return build_optimizer(cfg.method, groups, lr=lr, eps=cfg.eps, seed=cfg.seed, **cfg.optimizer_options)
+        return build_optimizer(
+            cfg.method, groups, lr=lr, eps=cfg.eps, seed=cfg.seed, rounding=cfg.rounding, **cfg.optimizer_options
+        )
     except (TypeError, ValueError) as err:  # the optimizers validate like torch.optim
         raise ConfigError(f"invalid optimizer options for {cfg.method}: {err}") from None
 

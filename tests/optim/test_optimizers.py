@@ -342,3 +342,32 @@ def test_replaying_gradients_rebuilds_weights_and_state(case):
     for a, b in zip(params, replica):
         assert torch.equal(a, b)
     assert again.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"] == 29
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased(dtype):
+    from curvzo.optim._rounding import round_stochastic
+
+    x = torch.full((200_000,), 1.0 + 1e-4, dtype=torch.float32)  # below half an ulp of 1.0
+    rounded = round_stochastic(x, dtype, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) <= {1.0, float(torch.tensor(1.0, dtype=dtype).nextafter(torch.tensor(2.0, dtype=dtype)))}
+    assert rounded.mean().item() == pytest.approx(1.0 + 1e-4, abs=3e-5)
+    assert torch.equal(x.to(dtype).float(), torch.ones_like(x))  # nearest loses it
+
+
+def test_bf16_updates_survive_only_with_stochastic_rounding():
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        p = torch.nn.Parameter(torch.full((4096,), 0.5, dtype=torch.bfloat16))
+        target = torch.zeros(4096)
+        opt = MeZO([p], lr=2e-7, eps=1e-2, seed=0, rounding=rounding)
+        for _ in range(50):
+            opt.step(lambda: ((p.float() - target) ** 2).sum())
+        moved[rounding] = 0.5 - p.float().mean().item()
+    assert moved["nearest"] == 0.0
+    assert moved["stochastic"] > 0.0
+
+
+def test_invalid_rounding():
+    with pytest.raises(ValueError, match="Invalid rounding: 'up'"):
+        MeZO(make_params(), rounding="up")

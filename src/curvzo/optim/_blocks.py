@@ -87,15 +87,20 @@ class NoiseSource:
         self._buffers: dict[torch.device, torch.Tensor] = {}
         self.draws = 0  # elements generated so far: lets tests and benchmarks count noise passes
 
-    def noise(self, block: Block, step_seed: int) -> torch.Tensor:
-        """z for ``block`` at ``step_seed`` as an fp32 view shaped like the block (valid until the next call)."""
+    def generator(self, block: Block, step_seed: int, salt: int = 0) -> torch.Generator:
+        """The device's generator, seeded for (step seed, block, salt); salt 0 is the noise stream."""
         device = block.param.device
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(block_seed(step_seed ^ (salt * 0xD1B54A32D192ED03), block.index))
+
+    def noise(self, block: Block, step_seed: int) -> torch.Tensor:
+        """z for ``block`` at ``step_seed`` as an fp32 view shaped like the block (valid until the next call)."""
+        device = block.param.device
         buf = self._buffers.get(device)
         if buf is None or buf.numel() < block.numel:
             buf = self._buffers[device] = torch.empty(block.numel, dtype=torch.float32, device=device)
-        gen.manual_seed(block_seed(step_seed, block.index))
+        gen = self.generator(block, step_seed)
         self.draws += block.numel
         return buf[: block.numel].normal_(generator=gen)

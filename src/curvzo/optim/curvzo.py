@@ -61,6 +61,8 @@ class CurvZO(ZOOptimizer):
         block_size (int, optional): split tensors larger than this into blocks (whole rows for
             matrices). Default: one block per tensor, as the paper.
         init_score (float): initial score of every block (default: 0.01).
+        rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
+            (unbiased, reproducible); ``"nearest"`` drops them (default: nearest).
 
     Example:
         >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -90,6 +92,7 @@ class CurvZO(ZOOptimizer):
         score_beta: float = 0.1,
         normalize_by_numel: bool = False,
         block_size: int | None = None,
+        rounding: Literal["nearest", "stochastic"] = "nearest",
         init_score: float = 0.01,
     ) -> None:
         if sampling not in _SAMPLINGS:
@@ -123,7 +126,8 @@ class CurvZO(ZOOptimizer):
         self.normalize_by_numel = normalize_by_numel
         self.init_score = float(init_score)
         super().__init__(
-            params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size
+            params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
+            rounding=rounding,
         )
 
     # ----------------------------------------------------------------- state

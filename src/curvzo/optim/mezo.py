@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +27,8 @@ class MeZO(ZOOptimizer):
         seed (int): seed of the optimizer's generators (default: 0).
         block_size (int, optional): noise granularity; results depend on it only through the
             noise streams, since every block is always perturbed.
+        rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
+            (unbiased, reproducible); ``"nearest"`` drops them (default: nearest).
 
     Example:
         >>> opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -45,9 +47,11 @@ class MeZO(ZOOptimizer):
         *,
         seed: int = 0,
         block_size: int | None = None,
+        rounding: Literal["nearest", "stochastic"] = "nearest",
     ) -> None:
         super().__init__(
-            params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size
+            params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
+            rounding=rounding,
         )
 
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,15 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ._blocks import Block, NoiseSource, build_blocks
+from ._rounding import round_stochastic
 
 __all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups"]
 
 Closure = Callable[[], Any]
+Rounding = Literal["nearest", "stochastic"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed (int): seed of the optimizer's own generators; same seed, same machine, same run.
         block_size (int, optional): split tensors larger than this many elements into blocks
             (whole rows for matrices); a group may set its own. Default: one block per tensor.
+        rounding (str): how updates of bf16/fp16 weights are stored: ``"nearest"`` (loses updates
+            below half an ulp) or ``"stochastic"`` (unbiased; reproducible). Default: nearest.
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -103,6 +107,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps: float,
         seed: int,
         block_size: int | None,
+        rounding: Rounding = "nearest",
     ) -> None:
         if not defaults["lr"] >= 0.0:
             raise ValueError(f"Invalid learning rate: {defaults['lr']}")
@@ -112,7 +117,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps (perturbation scale): {eps}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"Invalid rounding: {rounding!r} (choose from nearest, stochastic)")
         self.eps = float(eps)
+        self.rounding = rounding
         self._blocks: list[Block] | None = None
         super().__init__(params, {**defaults, "block_size": block_size})
         self._noise = NoiseSource()
@@ -319,5 +327,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if wd:
                 work.mul_(1.0 - lr * wd)
             work.add_(z, alpha=-lr * record.grad / pi)
-            if work is not target:
-                target.copy_(work)
+            if work is target:
+                continue
+            if self.rounding == "stochastic":
+                work = round_stochastic(work, target.dtype, self._noise.generator(block, record.seed, salt=1))
+            target.copy_(work)

@@ -1,0 +1,26 @@
+"""Every shipped YAML in configs/ is a valid TrainConfig whose task resolves and renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curvzo.config import load_config
+from curvzo.finetune import resolve_task
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_is_valid(path):
+    cfg = load_config(path)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), "each config starts with a comment saying what it runs"
+    assert f"--config configs/{path.name}" in path.read_text()
+    task = resolve_task(cfg.task)
+    assert task.name
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 3
