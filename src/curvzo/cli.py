@@ -8,6 +8,7 @@
     curvzo models list | curvzo models fetch smollm2-135m
     curvzo tasks
     curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
+    curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
 failures during training keep their traceback.
@@ -68,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("base_model", help="alias, hub id or local folder the run started from")
     rebuild.add_argument("trajectory", help="a run's trajectory.czt")
     rebuild.add_argument("--out", required=True, help="folder for the rebuilt model (or adapter)")
+    bench = sub.add_parser("bench", help="run (resumably) and aggregate an accuracy grid")
+    bench.add_argument("--grid", default="benchmarks/grids/cpu.yaml", help="grid YAML (default: %(default)s)")
+    bench.add_argument("--profile", help="profile of the grid: quick | cpu | paper (default: the grid's)")
+    bench.add_argument("--out", help="results folder (default: the profile's `out`)")
+    bench.add_argument("--only", metavar="KEY=V,...", help="restrict to task=, method=, mode=, seed=, lr= values")
+    bench.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    bench.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    bench.add_argument("--aggregate-only", action="store_true", help="only rewrite tables and figures")
+    bench.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
     return parser
 
 
@@ -149,7 +159,19 @@ def _replay(args: argparse.Namespace) -> None:
     print(args.out)
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay}
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import load_grid, parse_only, run_bench
+
+    _quiet_libraries()
+    grid = load_grid(args.grid, args.profile, args.out)
+    report = run_bench(grid, only=parse_only(args.only, grid), jobs=args.jobs, dry_run=args.dry_run,
+                       aggregate_only=args.aggregate_only, progress=not args.no_progress)
+    if report.failed:
+        sys.exit(f"curvzo: {len(report.failed)} run(s) failed: {', '.join(report.failed)}")
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay,
+             "bench": _bench}
 
 
 def _quiet_libraries() -> None:

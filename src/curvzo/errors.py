@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "UnknownTaskError",
     "CheckpointError",
+    "TrainingDiverged",
     "CurvzoWarning",
 ]
 
@@ -44,6 +45,10 @@ class UnknownTaskError(CurvzoError, KeyError):
 
 class CheckpointError(CurvzoError, ValueError):
     """A run folder or checkpoint cannot be resumed from."""
+
+
+class TrainingDiverged(CurvzoError, FloatingPointError):
+    """Too many consecutive steps had non-finite losses: the learning rate is too large."""
 
 
 class CurvzoWarning(UserWarning):

@@ -25,7 +25,7 @@ from . import scoring
 from .checkpoint import RunDir
 from .config import TrainConfig
 from .data import load_splits
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import write_json
 from .models import apply_peft, load_model, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
@@ -33,6 +33,9 @@ from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, TrajectoryWriter, fingerprint, read_trajectory
 
 __all__ = ["train", "evaluate", "evaluate_run", "replay", "setup", "TrainState"]
+
+#: Consecutive skipped (non-finite) steps after which a run stops as diverged.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TrainState:
     evals: list[dict[str, float]] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
     trajectory_bytes: int = 0
+    skipped_in_a_row: int = 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -78,6 +82,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         loss, info = take_step(optimizer, model, task, batch, cfg, active)
         if trajectory is not None:
             trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if info.get("skipped") or not math.isfinite(loss) else 0
+        if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingDiverged(
+                f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
+                f"(step {state.step}, lr {cfg.resolved_lr():g}); lower the learning rate"
+            )
         state.step += 1
         state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
         state.wall_time_s += time.perf_counter() - clock
@@ -87,6 +97,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            _check_finite(named, state.step)
             dev = dev_metric()
             state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
             _snapshot_scores(state, optimizer, named)
@@ -137,6 +148,7 @@ def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torc
     )
     sets = tuple([task.render(d) for d in docs] for docs in (splits.train, splits.dev, splits.test))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    scoring.check_fits(model, cfg.max_length)
     model = apply_peft(model, cfg.peft, seed=cfg.seed)
     return task, sets, model, tokenizer, trainable_named_parameters(model)
 
@@ -245,6 +257,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
             batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length)
             total += scoring.accuracy(model, batch) * len(chunk)
     return total / len(examples)
+
+
+def _check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
+    """Stop rather than evaluate (and checkpoint) weights that overflowed."""
+    for name, p in named:
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingDiverged(f"training diverged: `{name}` has non-finite values at step {step}; lower the learning rate")
 
 
 # ---------------------------------------------------------------------- trajectories

@@ -45,6 +45,7 @@ from transformers import PreTrainedTokenizerBase
 from curvzo.errors import ConfigError, CurvzoWarning, DataError, ModelError
 
 __all__ = [
+    "check_fits",
     "ExampleLike",
     "Batch",
     "encode",
@@ -433,7 +434,8 @@ def _context_length(model: nn.Module) -> int | None:
     return getattr(_causal_lm(model).config, "max_position_embeddings", None)
 
 
-def _check_fits(model: nn.Module, length: int) -> None:
+def check_fits(model: nn.Module, length: int) -> None:
+    """Refuse sequences longer than the model's positions (they would index past its embeddings)."""
     context = _context_length(model)
     if context is not None and length > context:
         raise DataError(f"max_length={length} exceeds the model's context of {context} positions")
@@ -466,7 +468,7 @@ def classification_logits(model: nn.Module, batch: Batch) -> Tensor:
     log-likelihoods of the choice tokens. Both give the same softmax over choices.
     """
     _require(batch, ("single", "per_choice"), "classification_logits")
-    _check_fits(model, batch.max_length)
+    check_fits(model, batch.max_length)
     head = lm_head(model)
     hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
     if batch.choice_ids is not None:
@@ -510,7 +512,7 @@ def full_logits_scores(model: nn.Module, batch: Batch) -> Tensor:
 def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Teacher-forced cross-entropy on the gold answer tokens, averaged over all of them."""
     _require(batch, ("lm",), "lm_loss")
-    _check_fits(model, batch.max_length)
+    check_fits(model, batch.max_length)
     hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
     total = _continuation_logprobs(lm_head(model), hidden, batch.input_ids, batch.label_mask).sum()
     return -total / batch.label_mask.sum()
@@ -548,7 +550,7 @@ def generate_answers(
         raise ConfigError(f"Invalid max_new_tokens: {max_new_tokens}; must be at least 1")
     limit = max_length if max_length is not None else _context_length(model)
     if limit is not None:
-        _check_fits(model, limit)
+        check_fits(model, limit)
     fitter = _Fitter(_leading_specials(tokenizer), limit if limit is not None else sys.maxsize)
     # Reserve room for the answer the way encode reserves it for a continuation, then drop it.
     reserved = [0] * max_new_tokens
