@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 
 from curvzo.cli import main
-from tiny import tiny_model, tokenizer
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -14,14 +14,6 @@ from curvzo.config import METHODS
 from tiny import tiny_model, tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved as an ordinary HF folder, so the CLI loads it like any local model."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
-
 
 def run_cli(tiny_dir: Path, data_dir: Path, out: Path, *extra: str) -> int:
     argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir),

@@ -16,17 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from curvzo.cli import main
-from tiny import tiny_model, tokenizer
 
 STEPS = 8
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _argv(tiny_dir: Path, data_dir: Path, out: Path) -> list[str]:

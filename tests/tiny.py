@@ -58,18 +58,8 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
         "pad_token_id": tok.pad_token_id,
     }
     common = {"vocab_size": len(tok), "initializer_range": INIT_STD, **special}
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=2 * HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS // 2,
-            max_position_embeddings=CONTEXT,
-            **common,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
+    if arch in ("llama", "qwen2"):  # the same decoder shape under two config classes
+        config = (LlamaConfig if arch == "llama" else Qwen2Config)(
             hidden_size=HIDDEN,
             intermediate_size=2 * HIDDEN,
             num_hidden_layers=LAYERS,
