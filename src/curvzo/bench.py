@@ -12,6 +12,8 @@ call per (task, method, mode, lr, seed), each in its own folder
 ``<out>/runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``, plus one zero-shot evaluation per
 (task, seed) in ``<out>/runs/<task>/zero-shot-s<seed>/``. A run whose ``results.json`` exists is
 skipped, an interrupted one resumes from its checkpoint, so a grid can be spread over sittings.
+A run that diverges is a result of the lr sweep (scored from the best weights it saved before);
+any other failure is written to the run's ``error.txt`` and the grid goes on.
 
 Learning rates are selected on dev: per (task, method, mode) the lr with the best mean dev
 accuracy (each run's best dev, the weights its test score comes from) over the seeds that every
@@ -38,7 +40,7 @@ from typing import Any
 import yaml
 
 from .config import FO_METHODS, METHODS, PEFT_MODES, ZO_METHODS, TrainConfig
-from .errors import ConfigError, CurvzoError
+from .errors import ConfigError, CurvzoError, TrainingDiverged
 from .io import atomic_write, write_json, write_text
 
 __all__ = [
@@ -154,14 +156,14 @@ def load_grid(path: str | Path, profile: str | None = None, out: str | Path | No
     if not isinstance(raw, dict):
         raise ConfigError(f"grid file {path} must hold a mapping (tasks, methods, seeds, profiles, ...)")
     problems: list[str] = []
-    values, profile = _merge_profile(raw, profile, problems)
-    grid = _build_grid(path, profile, values, out, problems) if not problems else None
+    values, profile = _merge_profile(path, raw, profile, problems)
+    grid = _build_grid(path, profile, values, out, problems)
     if problems:
         raise ConfigError(f"invalid grid {path} (profile {profile}): " + "; ".join(problems))
     return grid
 
 
-def _merge_profile(raw: dict[str, Any], profile: str | None, problems: list[str]) -> tuple[dict[str, Any], str]:
+def _merge_profile(path: Path, raw: dict[str, Any], profile: str | None, problems: list[str]) -> tuple[dict[str, Any], str]:
     """Profile keys replace base keys; a profile's `methods` picks the methods and merges each entry."""
     unknown = sorted(set(raw) - _GRID_KEYS - _TOP_ONLY - _SETTINGS)
     if unknown:
@@ -174,9 +176,8 @@ def _merge_profile(raw: dict[str, Any], profile: str | None, problems: list[str]
     base = {k: v for k, v in raw.items() if k not in _TOP_ONLY}
     if name is None:
         return base, "(none)"
-    if name not in profiles:
-        problems.append(f"unknown profile {name!r} (grid defines: {', '.join(profiles) or 'none'})")
-        return base, name
+    if name not in profiles:  # nothing else is worth checking against the wrong profile
+        raise ConfigError(f"grid {path}: unknown profile {name!r} (grid defines: {', '.join(profiles) or 'none'})")
     over = profiles[name] or {}
     if not isinstance(over, dict):
         problems.append(f"profile {name!r} must be a mapping")
@@ -265,7 +266,8 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
         problems.append(f"`{where}`: a label is letters, digits, '_.+' and single dashes (not {ZERO_SHOT!r})")
     method = entry.get("method", label)
     if method not in METHODS:
-        problems.append(f"`{where}`: method must be one of {', '.join(METHODS)}, got {method!r} (set `method:` for a custom label)")
+        problems.append(f"`{where}`: method must be one of {', '.join(METHODS)}, got {method!r} "
+                        "(set `method:` for a custom label)")
     own_tasks = _str_list(entry["tasks"], f"{where}.tasks", problems) if "tasks" in entry else tasks
     own_modes = _str_list(entry["modes"], f"{where}.modes", problems) if "modes" in entry else modes
     run_modes = tuple(m for m in modes if m in own_modes)
@@ -527,7 +529,8 @@ def run_bench(
         chosen = [r for r in runs if _selected(r, only)]
         report.skipped = sum(r.done for r in chosen)
         todo = [r for r in chosen if not r.done]
-        log(f"grid {grid.path} (profile {grid.profile}): {grid.expected_runs()} training runs in all; "
+        log(f"grid {grid.path} (profile {grid.profile}): {grid.expected_runs()} training runs in all "
+            f"(+{len(grid.tasks) * len(grid.seeds) if grid.zero_shot else 0} zero-shot evaluations); "
             f"selected now {len(chosen)}: {report.skipped} finished, {sum(r.resumable for r in todo)} to resume, "
             f"{len(todo)} to run; {waiting} wait for an lr selection")
         if dry_run:
@@ -607,8 +610,12 @@ def execute(run: Run, *, keep_weights: bool = False, progress: bool = True) -> d
         else:
             from .finetune import train
 
-            results = train(run.config, resume=run.resumable, progress=progress)
-            line = f"zero-shot dev {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, test {results['test']:.4f}"
+            try:
+                results = train(run.config, resume=run.resumable, progress=progress)
+            except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not a failure
+                results = _diverged_results(run, err)
+            line = (f"zero-shot dev {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
+                    f"test {results['test']:.4f}")
             if not keep_weights:
                 _drop_weights(run.path)
         (run.path / "error.txt").unlink(missing_ok=True)
@@ -617,6 +624,32 @@ def execute(run: Run, *, keep_weights: bool = False, progress: bool = True) -> d
         run.path.mkdir(parents=True, exist_ok=True)
         write_text(run.path / "error.txt", traceback.format_exc())
         return {"error": f"{type(err).__name__}: {err}", "line": "", "seconds": time.perf_counter() - start}
+
+
+def _diverged_results(run: Run, err: TrainingDiverged) -> dict[str, Any]:
+    """results.json of a diverged run: its best weights (saved before the divergence) on dev and test,
+    and the evaluations of its last checkpoint."""
+    import torch
+
+    from .finetune import evaluate_run
+
+    scores = evaluate_run(run.path)
+    state: dict[str, Any] = {}
+    for name in ("checkpoint", "checkpoint.old"):
+        if (run.path / name / "state.pt").exists():
+            state = torch.load(run.path / name / "state.pt", weights_only=False)["train_state"]
+            break
+    cfg = run.config
+    evals = state.get("evals", [])
+    results = {
+        "model": cfg.model, "task": scores["task"], "method": cfg.method, "peft": cfg.peft, "metric": scores["metric"],
+        "zero_shot": state.get("zero_shot", scores["dev"]), "best_dev": scores["dev"], "best_step": state.get("best_step", 0),
+        "test": scores["test"], "steps": state.get("step", 0), "forward_passes": state.get("forward_passes", 0),
+        "wall_time_s": round(state.get("wall_time_s", 0.0), 2), "lr": cfg.lr, "eps": cfg.eps, "seed": cfg.seed,
+        "evals": evals, "diverged": str(err),
+    }
+    write_json(run.path / "results.json", results)
+    return results
 
 
 def _zero_shot(run: Run) -> dict[str, Any]:
@@ -708,13 +741,15 @@ def summarize(
                 grouped.setdefault((rec["label"], rec["mode"]), []).append(rec)
         for (label, m), recs in grouped.items():
             cells.setdefault(label, {})[m] = _cell(recs)
-        zs = [z["results"] for z in zero_shot if z["task"] == task]
+        zs = [{**z["results"], "seed": z["seed"]} for z in zero_shot if z["task"] == task]
         metric = next((r["results"]["metric"] for r in records if r["task"] == task), zs[0]["metric"] if zs else None)
         row: dict[str, Any] = {"task": task, "metric": metric, "methods": cells, "zero_shot": None}
         if zs:
             tests = [z["test"] for z in zs]
-            row["zero_shot"] = {"dev_mean": statistics.fmean(z["dev"] for z in zs), "test_mean": statistics.fmean(tests),
-                                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(z["seed"] for z in zs)}
+            row["zero_shot"] = {
+                "dev_mean": statistics.fmean(z["dev"] for z in zs), "test_mean": statistics.fmean(tests),
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(z["seed"] for z in zs),
+            }
         base = cells.get(baseline, {}).get(mode)
         if base and base["curve"]:
             target, budget = base["curve"][-1][1], base["curve"][-1][0]
@@ -733,16 +768,18 @@ def summarize(
         if label != baseline:
             per_method[label] = _versus(rows, label, baseline, mode)
     head = per_method.get(method) or _versus(rows, method, baseline, mode)
+    diff, total, ratio = head["minus_baseline_mean"], head["tasks_total"], head["forward_ratio_median"]
     summary = {
         "method": method, "baseline": baseline, "mode": mode,
         "curvzo_minus_mezo_mean": head["minus_baseline_mean"], "tasks_won": head["tasks_won"],
         "tasks_total": head["tasks_total"], "forward_ratio_to_mezo_final": head["forward_ratio_median"],
-        "forward_ratio_reached": head["forward_ratio_reached"], "per_task": head["per_task"],
+        "forward_ratio_reached": head["forward_ratio_reached"], "forward_ratio_tasks": head["forward_ratio_tasks"],
+        "per_task": head["per_task"],
         "methods": per_method, "targets": TARGETS,
         "targets_met": {
-            "minus_baseline_points": head["minus_baseline_mean"] is not None and head["minus_baseline_mean"] >= TARGETS["minus_baseline_points"],
-            "tasks_won_fraction": head["tasks_total"] > 0 and head["tasks_won"] >= TARGETS["tasks_won_fraction"] * head["tasks_total"],
-            "forward_ratio": head["forward_ratio_median"] is not None and head["forward_ratio_median"] <= TARGETS["forward_ratio"],
+            "minus_baseline_points": diff is not None and diff >= TARGETS["minus_baseline_points"],
+            "tasks_won_fraction": total > 0 and head["tasks_won"] >= TARGETS["tasks_won_fraction"] * total,
+            "forward_ratio": ratio is not None and ratio <= TARGETS["forward_ratio"],
         },
     }
     return {"summary": summary, "tasks": rows}
@@ -758,16 +795,18 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
         diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
         ratio = row.get("forward_ratio_to_baseline_final", {}).get(label, "n/a")
         per_task[row["task"]] = {"minus_baseline": diff, "won": diff > 0, "forward_ratio": None if ratio == "n/a" else ratio,
-                                 "reached": None if ratio == "n/a" else ratio is not None}
+                                 "reached": None if ratio == "n/a" else ratio is not None,
+                                 "baseline_improved": row.get("baseline_improved")}
         diffs.append(diff)
-        if ratio != "n/a":
+        if ratio != "n/a" and row.get("baseline_improved") is not False:  # else "reaching" it is free: no signal
             ratios.append(math.inf if ratio is None else ratio)
     median = statistics.median(ratios) if ratios else None
     return {
         "minus_baseline_mean": statistics.fmean(diffs) if diffs else None,
         "tasks_won": sum(d > 0 for d in diffs), "tasks_total": len(diffs),
         "forward_ratio_median": None if median is None or math.isinf(median) else median,
-        "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "per_task": per_task,
+        "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "forward_ratio_tasks": len(ratios),
+        "per_task": per_task,
     }
 
 
@@ -781,22 +820,26 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
         if run.label == ZERO_SHOT:
             zero_shot.append({"task": run.task, "seed": run.seed, "results": results})
             continue
-        records.append({"task": run.task, "label": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed, "results": results})
+        records.append({"task": run.task, "label": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
+                        "results": results})
         used.append({"task": run.task, "method": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
                      "path": str(run.path), "best_dev": results["best_dev"], "test": results["test"],
-                     "forward_passes": results["forward_passes"], "wall_time_s": results.get("wall_time_s")})
+                     "forward_passes": results["forward_passes"], "wall_time_s": results.get("wall_time_s"),
+                     "diverged": bool(results.get("diverged"))})
     method, baseline = grid.compare
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
                      zo_labels=[s.label for s in grid.methods if s.is_zo])
-    data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot))
+    data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
+                           runs_diverged=sum(u["diverged"] for u in used))
     out = grid.out
-    figures = _figures(grid, data, records)
+    figures = _figures(grid, data)
     document = {
         "grid": str(grid.path), "profile": grid.profile, "model": grid.model,
         "command": _command(grid), "settings": grid.settings, "summary": data["summary"], "tasks": data["tasks"],
         "figures": [p.name for p in figures], "runs": used,
-        "zero_shot_runs": [{"task": z["task"], "seed": z["seed"], "dev": z["results"]["dev"], "test": z["results"]["test"]} for z in zero_shot],
+        "zero_shot_runs": [{"task": z["task"], "seed": z["seed"], "dev": z["results"]["dev"], "test": z["results"]["test"]}
+                           for z in zero_shot],
     }
     paths = [write_json(out / "accuracy.json", document), write_text(out / "accuracy.md", _markdown(grid, document)), *figures]
     s = data["summary"]
@@ -815,39 +858,40 @@ def _fmt(value: float | None, spec: str = "+.2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _ratio_text(s: dict[str, Any]) -> str:
+def _ratio_text(median: float | None, tasks: int) -> str:
     """The median forward ratio; "not reached" when the median task never reaches the baseline's final."""
-    if s["forward_ratio_to_mezo_final"] is not None:
-        return format(s["forward_ratio_to_mezo_final"], ".2f")
-    curves = sum(v["reached"] is not None for v in s["per_task"].values())
-    return "not reached" if curves else "n/a"
+    if median is not None:
+        return format(median, ".2f")
+    return "not reached" if tasks else "n/a"
 
 
 def _headline(s: dict[str, Any]) -> str:
     return (f"{s['method']} - {s['baseline']} = {_fmt(s['curvzo_minus_mezo_mean'])} points ({s['mode']}), "
             f"wins {s['tasks_won']}/{s['tasks_total']} tasks; forward passes to {s['baseline']}'s final dev: "
-            f"median ratio {_ratio_text(s)} ({s['forward_ratio_reached']}/{s['tasks_total']} tasks reach it)")
+            f"median ratio {_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} ({s['forward_ratio_reached']}/{s['forward_ratio_tasks']} tasks reach it)")
 
 
 def _pm(cell: dict[str, Any] | None, seeds: int) -> str:
     if not cell:
         return "–"
     n = len(cell["seeds"])
-    return f"{100 * cell['test_mean']:.1f} ± {100 * cell['test_std']:.1f}" + ("" if n == seeds else f" (n={n})")
+    spread = f" ± {100 * cell['test_std']:.1f}" if n > 1 else ""
+    return f"{100 * cell['test_mean']:.1f}{spread}" + ("" if n == seeds else f" (n={n})")
 
 
 def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     s, rows = doc["summary"], doc["tasks"]
     tasks = [r["task"] for r in rows]
     nseeds = len(grid.seeds)
+    settings = ", ".join(f"{k} {v}" for k, v in grid.settings.items())
     head = "| method | mode | " + " | ".join(tasks) + " | avg |"
     lines = [
         f"# Accuracy: {grid.model}, profile `{grid.profile}`", "",
         f"Regenerate: `{doc['command']}` (resumable; `--aggregate-only` redraws from finished runs).", "",
-        f"Runs used: {s['runs_used']} of {s['runs_expected']} training runs, plus {s['zero_shot_runs_used']} zero-shot "
-        f"evaluations. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
+        f"Runs used: {s['runs_used']} of {s['runs_expected']} training runs ({s['runs_diverged']} diverged: scored from "
+        f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
         f"mean ± std (sample) over seeds {list(grid.seeds)} of the learning rate selected on dev "
-        f"(n = seeds finished when fewer). Settings: " + ", ".join(f"{k} {v}" for k, v in grid.settings.items()) + ".",
+        f"(n = seeds finished when fewer)." + (f" Settings: {settings}." if settings else ""),
         "", head, "|" + " --- |" * (len(tasks) + 3),
     ]
 
@@ -868,21 +912,24 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
             cells = [r["methods"].get(spec.label, {}).get(mode) for r in rows]
             lines.append(f"| {spec.label} | {mode} | " + " | ".join(format_lr(c["lr"]) if c else "–" for c in cells) + " |")
     per_task = ", ".join(
-        f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}" for t, v in s["per_task"].items())
+        f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"
+        + (f" ({s['baseline']} did not improve on zero-shot)" if v["baseline_improved"] is False else "")
+        for t, v in s["per_task"].items())
     lines += [
         "", "## Summary", "",
         f"- **{s['method']} − {s['baseline']}** ({s['mode']}, mean over {s['tasks_total']} tasks): "
         f"{_fmt(s['curvzo_minus_mezo_mean'])} points; {s['method']} wins {s['tasks_won']}/{s['tasks_total']} tasks "
         f"(target: ≥ +{TARGETS['minus_baseline_points']} points and ≥ {TARGETS['tasks_won_fraction']:.0%} of tasks).",
         f"- **Forward passes to reach {s['baseline']}'s final dev accuracy**, {s['method']} / {s['baseline']} "
-        f"(seed-averaged dev curves, linear interpolation between evaluations): median "
-        f"{_ratio_text(s)} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
+        f"(seed-averaged dev curves, linear interpolation between evaluations; over the "
+        f"{s['forward_ratio_tasks']} tasks where {s['baseline']} improved on zero-shot): median "
+        f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
     ]
     for label, v in s["methods"].items():
         if label != s["method"]:
             lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
                          f"{v['tasks_won']}/{v['tasks_total']}, forward ratio median "
-                         f"{_fmt(v['forward_ratio_median'], '.2f')}.")
+                         f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")
     if doc["figures"]:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in doc["figures"]]
     return "\n".join(lines) + "\n"
@@ -897,7 +944,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _figures(grid: Grid, data: dict[str, Any], records: list[dict]) -> list[Path]:
+def _figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -925,7 +972,7 @@ def _figures(grid: Grid, data: dict[str, Any], records: list[dict]) -> list[Path
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"accuracy_{row['task']}.png"))
     paths += _forward_figure(grid, data, plt)
-    paths += _heatmap_figures(grid, data, records)
+    paths += _heatmap_figures(grid, data)
     return paths
 
 
@@ -957,7 +1004,7 @@ def _forward_figure(grid: Grid, data: dict[str, Any], plt: Any) -> list[Path]:
     return [_save(fig, grid.out / "forward_ratio.png")]
 
 
-def _heatmap_figures(grid: Grid, data: dict[str, Any], records: list[dict]) -> list[Path]:
+def _heatmap_figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
     """CurvZO's budget and block-score heat map of one run (headline method, first task, selected lr, first seed)."""
     from .plots import plot_run
 

@@ -1,0 +1,23 @@
+"""python -m benchmarks.accuracy [--profile quick|cpu|paper] [--only task=sst2,method=mezo] [--jobs N]
+
+The accuracy benchmark of issue 4: CurvZO against MeZO, uniform-sparse, fixed-budget CurvZO and
+first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Identical to
+``curvzo bench ...`` (the grid runner is :mod:`curvzo.bench`); run from the repository root:
+
+    python -m benchmarks.accuracy --profile quick     # < 30 min on 2 CPU cores
+    python -m benchmarks.accuracy                     # profile cpu: the README table, ~8 CPU-hours, resumable
+    python -m benchmarks.accuracy --aggregate-only    # accuracy.json / accuracy.md / figures from finished runs
+
+Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``,
+``accuracy.json``, ``accuracy.md``, ``accuracy_<task>.png``, ``forward_ratio.png``,
+``curvzo_budget.png`` and ``curvzo_scores.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from curvzo.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

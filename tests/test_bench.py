@@ -1,0 +1,311 @@
+"""``curvzo bench``: grid validation, run folders, resumability and the aggregation arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curvzo.bench import forward_to_reach, format_lr, load_grid, parse_only, plan, run_bench, run_folder_name, summarize
+from curvzo.cli import main
+from curvzo.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "benchmarks" / "grids" / "cpu.yaml"
+
+
+def write_grid(tmp_path: Path, **values) -> Path:
+    base = {"model": "unused", "data_dir": None, "out": str(tmp_path / "out"), "tasks": ["sst2"], "seeds": [0],
+            "methods": {"mezo": {"lr": {"full": [1e-3]}}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**base, **values}, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------- the grid file
+@pytest.mark.parametrize(("profile", "runs", "tasks"), [("quick", 6, 2), ("cpu", 84, 4), ("paper", None, 11)])
+def test_shipped_grid_profiles_are_valid(profile, runs, tasks):
+    grid = load_grid(SHIPPED, profile)
+    assert len(grid.tasks) == tasks and {"mezo", "curvzo", "curvzo-ref"} <= {s.label for s in grid.methods}
+    if runs is not None:
+        assert grid.expected_runs() == runs
+    assert load_grid(SHIPPED).profile == "cpu"  # the grid's default profile
+
+
+def test_quick_profile_picks_and_merges_methods():
+    grid = load_grid(SHIPPED, "quick")
+    assert [s.label for s in grid.methods] == ["mezo", "curvzo-ref", "curvzo"]
+    assert all(s.lr == {"full": (1e-5,)} and s.eps["full"] == 1e-3 for s in grid.methods)
+    assert grid.settings["steps"] == 60 and grid.out == Path("benchmarks/results/quick")
+
+
+BAD_GRIDS = [
+    ({"colour": "red"}, r"unknown key\(s\) colour"),
+    ({"tasks": ["sst2", "sst5"]}, r"`tasks`: .*sst5"),
+    ({"modes": ["full", "qlora"]}, r"`modes` must be among"),
+    ({"seeds": [0, 0]}, r"`seeds` repeats"),
+    ({"select_seeds": [3]}, r"`select_seeds` \[3\] must be a subset"),
+    ({"methods": {"sgdx": {"lr": {"full": [1e-3]}}}}, r"method must be one of"),
+    ({"methods": {"mezo": {"lr": {"lora": [1e-3]}}}}, r"methods.mezo.lr` has no learning rates for mode 'full'"),
+    ({"methods": {"mezo": {"lr": {"full": [0, "x"]}}}}, r"methods.mezo.lr.full` must hold positive numbers"),
+    ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "set": {"seed": 3}}}}, r"key\(s\) seed cannot be set per method"),
+    ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "colour": 1}}}, r"methods.mezo`: unknown key\(s\) colour"),
+    ({"steps": 0}, r"methods.mezo \(full\): `steps` must be an integer >= 1"),
+    ({"methods": {}}, r"`methods` must be a non-empty mapping"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_GRIDS, ids=[m for _, m in BAD_GRIDS])
+def test_invalid_grid_raises_one_config_error(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_grid(tmp_path, **change))
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = write_grid(tmp_path, colour=1, modes=["qlora"], seeds=[0, 0])
+    with pytest.raises(ConfigError) as info:
+        load_grid(path)
+    assert all(s in str(info.value) for s in ("colour", "qlora", "repeats"))
+
+
+def test_profile_errors(tmp_path):
+    path = write_grid(tmp_path, profiles={"fast": {"steps": 2, "colour": 1}})
+    with pytest.raises(ConfigError, match=r"unknown profile 'slow' \(grid defines: fast\)"):
+        load_grid(path, "slow")
+    with pytest.raises(ConfigError, match=r"profile 'fast': unknown key\(s\) colour"):
+        load_grid(path, "fast")
+
+
+def test_missing_grid_file_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["bench", "--grid", str(tmp_path / "nope.yaml")]) == 2
+    assert "grid file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- runs and folders
+@pytest.mark.parametrize(("lr", "text"), [(1e-5, "1e-5"), (2.5e-4, "2.5e-4"), (0.001, "1e-3"), (1.0, "1e0"), (3e-7, "3e-7")])
+def test_format_lr(lr, text):
+    assert format_lr(lr) == text
+
+
+def test_run_folder_names(tmp_path):
+    assert run_folder_name("curvzo", "full", 1e-5, 2) == "curvzo-full-lr1e-5-s2"
+    assert run_folder_name("zero-shot", "full", None, 0) == "zero-shot-s0"
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1], methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}}))
+    runs, waiting = plan(grid)
+    assert waiting == 0 and [r.path.relative_to(grid.out).as_posix() for r in runs] == [
+        "runs/sst2/zero-shot-s0", "runs/sst2/zero-shot-s1",
+        "runs/sst2/mezo-full-lr1e-5-s0", "runs/sst2/mezo-full-lr1e-5-s1",
+        "runs/sst2/mezo-full-lr1e-4-s0", "runs/sst2/mezo-full-lr1e-4-s1",
+    ]
+    assert runs[2].config.lr == 1e-5 and runs[2].config.seed == 0 and runs[2].config.output_dir == str(runs[2].path)
+
+
+def fake_results(path: Path, *, best_dev: float, test: float, evals=(), zero_shot: float = 0.5, method: str = "mezo") -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    evals = [{"step": i + 1, "forward_passes": fp, "dev": dev} for i, (fp, dev) in enumerate(evals)]
+    (path / "results.json").write_text(json.dumps({
+        "task": "sst2", "method": method, "metric": "accuracy", "zero_shot": zero_shot, "best_dev": best_dev,
+        "test": test, "forward_passes": evals[-1]["forward_passes"] if evals else 0, "evals": evals}))
+
+
+def test_select_seeds_runs_every_lr_on_seed_0_then_the_dev_selected_lr(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1, 2], select_seeds=[0],
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4, 1e-3]}}}, zero_shot=False))
+    runs, waiting = plan(grid)
+    assert [(r.lr, r.seed) for r in runs] == [(1e-5, 0), (1e-4, 0), (1e-3, 0)] and waiting == 2
+    assert grid.expected_runs() == 5
+    for run, dev in zip(runs, (0.6, 0.7, 0.7)):  # tie between 1e-4 and 1e-3: the smaller lr
+        fake_results(run.path, best_dev=dev, test=dev)
+    runs, waiting = plan(grid)
+    assert [(r.lr, r.seed) for r in runs[3:]] == [(1e-4, 1), (1e-4, 2)] and waiting == 0
+
+
+def test_parse_only(tmp_path):
+    grid = load_grid(write_grid(tmp_path, tasks=["sst2", "rte"]))
+    assert parse_only("task=sst2,method=mezo,method=zero-shot,seed=0,lr=1e-3", grid) == {
+        "task": {"sst2"}, "method": {"mezo", "zero-shot"}, "seed": {0}, "lr": {1e-3}}
+    with pytest.raises(ConfigError, match=r"'task=sst5': not in the grid.*'colour=1' is not KEY=VALUE"):
+        parse_only("task=sst5,colour=1", grid)
+
+
+def test_runs_of_another_config_are_refused(tmp_path):
+    grid = load_grid(write_grid(tmp_path, steps=10))
+    run = plan(grid)[0][1]
+    run.path.mkdir(parents=True)
+    other = {**run.config.to_dict(), "steps": 60}
+    (run.path / "config.yaml").write_text(yaml.safe_dump(other))
+    fake_results(run.path, best_dev=0.5, test=0.5)
+    with pytest.raises(ConfigError, match=r"another config.*steps: 60 there, 10 in the grid"):
+        run_bench(grid, log=lambda line: None)
+
+
+# ---------------------------------------------------------------------- aggregation arithmetic
+def test_forward_to_reach_interpolates_between_evaluations():
+    curve = [(0, 0.5), (100, 0.6), (200, 0.8)]
+    assert forward_to_reach(curve, 0.7) == pytest.approx(150.0)
+    assert forward_to_reach(curve, 0.6) == 100.0
+    assert forward_to_reach(curve, 0.4) == 0.0
+    assert forward_to_reach(curve, 0.81) is None
+
+
+def rec(task, label, lr, seed, best_dev, test, curve, method=None):
+    zero, *evals = curve
+    return {"task": task, "label": label, "mode": "full", "lr": lr, "seed": seed, "results": {
+        "method": method or ("adamw" if label == "adamw" else "mezo"), "metric": "accuracy", "zero_shot": zero[1],
+        "best_dev": best_dev, "test": test, "evals": [{"forward_passes": fp, "dev": d} for fp, d in evals]}}
+
+
+def test_summary_arithmetic():
+    flat = [(0, 0.5), (100, 0.5), (200, 0.5)]
+    records = [
+        # sst2: mezo lr 1e-5 wins dev on average (0.70 vs 0.65); its curve ends at 0.7 after 200 passes
+        rec("sst2", "mezo", 1e-5, 0, 0.72, 0.70, [(0, 0.5), (100, 0.6), (200, 0.7)]),
+        rec("sst2", "mezo", 1e-5, 1, 0.68, 0.74, [(0, 0.5), (100, 0.6), (200, 0.7)]),
+        rec("sst2", "mezo", 1e-4, 0, 0.80, 0.90, flat),
+        rec("sst2", "mezo", 1e-4, 1, 0.50, 0.90, flat),
+        # curvzo seeds average to (0.5, 0.8, 0.8): 0.7 reached at 50 + ... = 66.67 passes -> ratio 1/3
+        rec("sst2", "curvzo", 1e-5, 0, 0.80, 0.80, [(0, 0.5), (100, 0.9), (200, 0.8)]),
+        rec("sst2", "curvzo", 1e-5, 1, 0.80, 0.76, [(0, 0.5), (100, 0.7), (200, 0.8)]),
+        # rte: curvzo loses and never reaches mezo's final dev
+        rec("rte", "mezo", 1e-5, 0, 0.6, 0.60, [(0, 0.5), (100, 0.55), (200, 0.6)]),
+        rec("rte", "curvzo", 1e-5, 0, 0.55, 0.56, [(0, 0.5), (100, 0.55), (200, 0.55)]),
+        rec("rte", "adamw", 1e-4, 0, 0.9, 0.88, [(0, 0.5), (100, 0.9)]),
+    ]
+    zero = [{"task": "sst2", "seed": s, "results": {"dev": 0.5, "test": t, "metric": "accuracy"}} for s, t in ((0, 0.5), (1, 0.6))]
+    data = summarize(records, zero, tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])
+    sst2, rte = data["tasks"]
+    mezo = sst2["methods"]["mezo"]["full"]
+    assert mezo["lr"] == 1e-5 and mezo["dev_mean"] == pytest.approx(0.70)
+    assert mezo["test_mean"] == pytest.approx(0.72) and mezo["test_std"] == pytest.approx(math.sqrt(2 * 0.02**2))
+    assert sst2["zero_shot"]["test_mean"] == pytest.approx(0.55)
+    assert sst2["forward_ratio_to_baseline_final"]["curvzo"] == pytest.approx((200 / 3) / 200)
+    assert sst2["forward_ratio_to_baseline_final"]["mezo"] == pytest.approx(1.0)
+    assert rte["forward_ratio_to_baseline_final"]["curvzo"] is None and "adamw" not in rte["forward_ratio_to_baseline_final"]
+    s = data["summary"]
+    assert s["curvzo_minus_mezo_mean"] == pytest.approx((100 * (0.78 - 0.72) + 100 * (0.56 - 0.60)) / 2)
+    assert (s["tasks_won"], s["tasks_total"]) == (1, 2)
+    assert s["forward_ratio_to_mezo_final"] is None and s["forward_ratio_reached"] == 1  # median of (1/3, inf)
+    assert s["forward_ratio_tasks"] == 2
+    assert s["per_task"]["rte"] == {"minus_baseline": pytest.approx(-4.0), "won": False, "forward_ratio": None, "reached": False,
+                                   "baseline_improved": True}
+    assert s["methods"]["adamw"]["tasks_total"] == 1 and s["methods"]["adamw"]["minus_baseline_mean"] == pytest.approx(28.0)
+    assert s["targets_met"] == {"minus_baseline_points": False, "tasks_won_fraction": False, "forward_ratio": False}
+
+
+def test_tasks_where_the_baseline_did_not_improve_carry_no_forward_ratio():
+    records = [rec("sst2", "mezo", 1e-5, 0, 0.5, 0.5, [(0, 0.5), (100, 0.5)]),  # flat: reached at 0 by anyone
+               rec("sst2", "curvzo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
+               rec("rte", "mezo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
+               rec("rte", "curvzo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.7)])]
+    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])["summary"]
+    assert s["per_task"]["sst2"]["forward_ratio"] == 0.0 and s["per_task"]["sst2"]["baseline_improved"] is False
+    assert s["forward_ratio_tasks"] == 1 and s["forward_ratio_to_mezo_final"] == pytest.approx(0.5)
+
+
+def test_lr_selection_uses_seeds_every_lr_has():
+    # 1e-4 looks better on seed 1, which 1e-5 lacks: only seed 0 counts for the selection
+    records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (10, 0.7)]),
+               rec("sst2", "mezo", 1e-4, 0, 0.6, 0.6, [(0, 0.5), (10, 0.6)]),
+               rec("sst2", "mezo", 1e-4, 1, 1.0, 1.0, [(0, 0.5), (10, 1.0)])]
+    cell = summarize(records, [], tasks=["sst2"])["tasks"][0]["methods"]["mezo"]["full"]
+    assert cell["lr"] == 1e-5 and cell["seeds"] == [0]
+
+
+def test_aggregate_writes_json_md_and_figures_from_a_partial_grid(tmp_path):
+    grid = load_grid(write_grid(tmp_path, tasks=["sst2", "rte"], seeds=[0, 1],
+                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo": {"lr": {"full": [1e-5]}}}))
+    runs = {(r.task, r.label, r.seed): r for r in plan(grid)[0]}
+    curve = [(100, 0.6), (200, 0.7)]
+    fake_results(runs["sst2", "mezo", 0].path, best_dev=0.7, test=0.70, evals=curve)
+    fake_results(runs["sst2", "curvzo", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8), (200, 0.8)], method="curvzo")
+    runs["sst2", "zero-shot", 0].path.mkdir(parents=True)
+    (runs["sst2", "zero-shot", 0].path / "results.json").write_text(json.dumps(
+        {"task": "sst2", "method": "zero-shot", "metric": "accuracy", "seed": 0, "dev": 0.5, "test": 0.5}))
+    report = run_bench(grid, aggregate_only=True, log=lambda line: None)
+    doc = json.loads((grid.out / "accuracy.json").read_text())
+    s = doc["summary"]
+    assert (s["runs_used"], s["runs_expected"], s["zero_shot_runs_used"]) == (2, 8, 1)
+    assert s["curvzo_minus_mezo_mean"] == pytest.approx(5.0) and (s["tasks_won"], s["tasks_total"]) == (1, 1)
+    assert s["forward_ratio_to_mezo_final"] == pytest.approx((100 * 0.2 / 0.3) / 200)
+    assert len(doc["runs"]) == 2 and report.summary == s
+    md = (grid.out / "accuracy.md").read_text()
+    assert "| zero-shot | – | 50.0 (n=1) | – | – |" in md and "| curvzo | full | 75.0 (n=1) | – | – |" in md
+    assert "Runs used: 2 of 8" in md
+    assert {"accuracy_sst2.png", "forward_ratio.png"} <= {p.name for p in grid.out.glob("*.png")}
+
+
+# ---------------------------------------------------------------------- end to end on a tiny model
+def tiny_grid(tmp_path: Path, tiny_dir: Path, data_dir: Path, **values) -> Path:
+    settings = {"model": str(tiny_dir), "data_dir": str(data_dir), "steps": 1, "batch_size": 4, "max_length": 64,
+                "num_train": 16, "num_dev": 8, "num_test": 8, "eval_every": 1,
+                "methods": {"mezo": {"lr": {"full": [1e-3]}}, "curvzo": {"lr": {"full": [1e-3]}}}}
+    return write_grid(tmp_path, **{**settings, **values})
+
+
+def test_a_finished_grid_is_skipped_when_run_again(tiny_dir, data_dir, tmp_path, capsys):
+    path = tiny_grid(tmp_path, tiny_dir, data_dir)
+    assert main(["bench", "--grid", str(path), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    finished = sorted(out.glob("runs/sst2/*/results.json"))
+    assert [p.parent.name for p in finished] == ["curvzo-full-lr1e-3-s0", "mezo-full-lr1e-3-s0", "zero-shot-s0"]
+    assert not list(out.glob("runs/**/best")) and not list(out.glob("runs/**/checkpoint"))  # keep_weights: false
+    assert {"accuracy.json", "accuracy.md", "curvzo_budget.png", "curvzo_scores.png"} <= {p.name for p in out.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+    grid = load_grid(path)
+    report = run_bench(grid, log=lambda line: None)
+    assert report.executed == [] and report.skipped == 3 and report.failed == []
+    assert {p: p.stat().st_mtime_ns for p in finished} == stamps
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_dir, data_dir, tmp_path, monkeypatch):
+    import curvzo.finetune
+
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, steps=2, keep_weights=True, zero_shot=False,
+                               methods={"mezo": {"lr": {"full": [1e-3]}}}))
+    run_bench(grid, log=lambda line: None)
+    run = plan(grid)[0][0]
+    (run.path / "results.json").unlink()  # as if the run stopped after its last checkpoint
+    calls = []
+    real = curvzo.finetune.train
+    monkeypatch.setattr(curvzo.finetune, "train", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
+    report = run_bench(grid, only=parse_only("method=mezo", grid), log=lambda line: None)
+    assert calls == [{"resume": True, "progress": True}] and report.executed == [run.name]
+    assert json.loads((run.path / "results.json").read_text())["steps"] == 2
+
+
+def test_a_diverged_run_is_a_result_scored_from_its_best_weights(tiny_dir, data_dir, tmp_path, monkeypatch):
+    import curvzo.finetune
+    from curvzo.errors import TrainingDiverged
+
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, steps=2, zero_shot=False,
+                               methods={"mezo": {"lr": {"full": [1e-3]}}}))
+    real = curvzo.finetune.train
+
+    def diverging(cfg, **kw):  # the real run, then "diverged" after its checkpoint at step 2
+        real(cfg, **kw)
+        (Path(cfg.output_dir) / "results.json").unlink()
+        raise TrainingDiverged("training diverged: 10 steps in a row had non-finite losses")
+
+    monkeypatch.setattr(curvzo.finetune, "train", diverging)
+    report = run_bench(grid, log=lambda line: None)
+    results = plan(grid)[0][0].results()
+    assert report.executed == ["sst2/mezo-full-lr1e-3-s0"] and report.failed == []
+    assert results["diverged"].startswith("training diverged") and [e["step"] for e in results["evals"]] == [1, 2]
+    assert {"best_dev", "test", "zero_shot", "forward_passes"} <= set(results)
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_dir, data_dir, tmp_path, monkeypatch):
+    import curvzo.finetune
+
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, zero_shot=False))
+
+    def broken(cfg, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(curvzo.finetune, "train", broken)
+    report = run_bench(grid, log=lambda line: None)
+    assert report.failed == ["sst2/mezo-full-lr1e-3-s0", "sst2/curvzo-full-lr1e-3-s0"]
+    assert "RuntimeError: boom" in (plan(grid)[0][0].path / "error.txt").read_text()
