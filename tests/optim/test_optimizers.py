@@ -27,6 +27,7 @@ CASES = [
     Case("curvzo-uniform", CurvZO, {"sampling": "uniform"}),
     Case("curvzo-square-explore-floor", CurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
     Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
+    Case("curvzo-energy", CurvZO, {"feedback": "energy", "pi_floor": 0.05}),
 ]
 IDS = [c.desc for c in CASES]
 
@@ -252,18 +253,26 @@ def test_hf_estimator_is_unbiased_for_every_sampling():
         assert torch.linalg.vector_norm(mean - true) < 0.15 * torch.linalg.vector_norm(true), sampling
 
 
-def test_curvzo_concentrates_on_high_energy_blocks():
+def test_curvzo_energy_feedback_concentrates_on_the_high_energy_block():
+    """Block 0 holds nearly all the gradient energy; the energy feedback finds it.
+
+    The reference rule (``feedback="abs"`` or ``"square"``) shares each step's credit with every
+    co-sampled block and does not reliably rank block 0 first on this problem (measured: after 400
+    steps its pi_0 is 0.55 / 0.54 against others up to 0.55 / 0.61), which is why it is not the
+    default. The energy regression needs a slow average: g^2 is one chi-square draw per step.
+    """
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(20, generator=g)) for _ in range(10)]
-    scales = [100.0] + [0.01] * 9  # block 0 holds nearly all the gradient energy
+    scales = [100.0] + [0.01] * 9
     f = lambda: sum(s * (p**2).sum() for s, p in zip(scales, params))
-    opt = CurvZO(params, lr=0.0, eps=1e-3, seed=0)
-    for _ in range(200):
+    opt = CurvZO(params, lr=0.0, eps=1e-3, seed=0, feedback="energy", score_beta=0.01)
+    for _ in range(400):
         opt.step(f)
     pi = opt.inclusion_probabilities()
-    # The reference rule shares each step's credit with every co-sampled block, so it
-    # concentrates only mildly; the contrast feedback estimates energies per block.
-    assert pi[0] == pi.max() and pi[0] > 1.1 * pi[1:].mean()
+    energy = opt._global_state()["energy"]
+    assert energy[0] > 2 * energy[1:].abs().max()
+    # Variance-optimal pi still samples the others: their 1/pi-scaled noise would dominate.
+    assert pi[0] == pi.max() and pi[0] > 1.25 * pi[1:].mean()
 
 
 @pytest.mark.parametrize("sampling", ["pps", "uniform"])

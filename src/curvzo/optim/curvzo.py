@@ -14,10 +14,10 @@ from .optimizer import StepRecord, ZOOptimizer
 __all__ = ["CurvZO"]
 
 Sampling = Literal["pps", "multinomial", "uniform"]
-Feedback = Literal["abs", "square"]
+Feedback = Literal["abs", "square", "energy"]
 
 _SAMPLINGS = ("pps", "multinomial", "uniform")
-_FEEDBACKS = ("abs", "square")
+_FEEDBACKS = ("abs", "square", "energy")
 
 
 class CurvZO(ZOOptimizer):
@@ -35,7 +35,9 @@ class CurvZO(ZOOptimizer):
         \end{aligned}
 
     where :math:`\phi(g) = |g|` (``feedback="abs"``, the reference port) or :math:`g^2`
-    (``"square"``, the paper's diagonal-Fisher reading). Every ``budget_every`` steps the budget
+    (``"square"``, the paper's diagonal-Fisher reading). ``feedback="energy"`` replaces this
+    credit rule by per-block energy estimates and the variance-optimal allocation (see
+    ``_observe_energy``). Every ``budget_every`` steps the budget
     fraction f = k/d moves towards 0.1 + 0.7 (0.7 N_eff/d + 0.3 (1 - H)) of the scores'
     effective number N_eff and normalised entropy H, clipped to [0.1, 0.8].
 
@@ -48,7 +50,7 @@ class CurvZO(ZOOptimizer):
         sampling (str): ``"pps"`` Poisson probability-proportional-to-size (default),
             ``"multinomial"`` k draws without replacement (pi ~= min(1, k p)), or ``"uniform"``
             k of d uniformly (the paper's uniform-sampling ablation).
-        feedback (str): ``"abs"`` (default) or ``"square"``, see above.
+        feedback (str): ``"abs"`` (default), ``"square"`` or ``"energy"``, see above.
         explore_mix (float | "adaptive" | None): mix alpha of the uniform distribution into p,
             re-estimated with the budget when ``"adaptive"`` (default: None, off).
         pi_floor (float): lower bound on every inclusion probability (pps only); bounds the
@@ -138,6 +140,8 @@ class CurvZO(ZOOptimizer):
         fraction = self.init_fraction if self.budget == "adaptive" else float(self.budget)
         state["k"] = fraction * d
         state["alpha"] = 0.1 if self.explore_mix == "adaptive" else float(self.explore_mix or 0.0)
+        if self.feedback == "energy":
+            state["energy"] = torch.zeros(d, dtype=torch.float64)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -185,15 +189,15 @@ class CurvZO(ZOOptimizer):
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
             self._update_budget(state)
+        self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
         if self.sampling == "uniform":
             candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
             return draw_uniform(candidates, self._k_int(active), self._sampler)
         if self.sampling == "multinomial":
             ids, pi = draw_multinomial(self.sampling_distribution(active), self._k_int(active), self._sampler)
             return ids, pi[ids]
-        pi = self.inclusion_probabilities(active)
-        ids = draw_poisson(pi, self._sampler)
-        return ids, pi[ids]
+        ids = draw_poisson(self._step_pi, self._sampler)
+        return ids, self._step_pi[ids]
 
     def _update_budget(self, state: dict[str, Any]) -> None:
         """Move k towards the share of blocks the scores say matter (more when they are flat)."""
@@ -209,6 +213,9 @@ class CurvZO(ZOOptimizer):
 
     # ----------------------------------------------------------------- learning from the step
     def _observe(self, state: dict[str, Any], record: StepRecord, sq_norms: torch.Tensor) -> None:
+        if self.feedback == "energy":
+            self._observe_energy(state, record)
+            return
         g = record.grad
         phi = abs(g) if self.feedback == "abs" else g * g
         state["mean_feedback"] = 0.9 * state["mean_feedback"] + 0.1 * phi
@@ -220,6 +227,29 @@ class CurvZO(ZOOptimizer):
         weights = energy / energy.sum()
         scores = state["scores"]
         scores[ids] = (1.0 - self.score_beta) * scores[ids] + self.score_beta * r * weights
+
+
+    def _observe_energy(self, state: dict[str, Any], record: StepRecord) -> None:
+        """Per-block gradient energies by regression of g^2 on the inclusion indicators.
+
+        With independent inclusions, E[g^2 (1_b - pi_b)] = pi_b (1 - pi_b) ||grad_b||^2, so
+        g^2 (1_b - pi_b) / (pi_b (1 - pi_b)) is an unbiased estimate of block b's energy G_b from
+        every step, sampled or not. Scores then follow the variance-optimal allocation of the
+        Horvitz-Thompson estimator, pi_b ~ sqrt((n_b + 2) G_b + n_b C) with C = sum_j pi_j G_j:
+        blocks that carry gradient are perturbed more, and large blocks are not starved (their
+        1/pi-scaled noise would dominate the error).
+        """
+        pi = self._step_pi
+        usable = (pi > 0.01) & (pi < 0.99)  # the estimate's variance explodes at the edges
+        included = torch.zeros_like(pi)
+        included[list(record.blocks)] = 1.0
+        estimate = record.grad**2 * (included - pi) / (pi * (1.0 - pi)).clamp_min(1e-12)
+        energy = state["energy"]
+        energy[usable] = (1.0 - self.score_beta) * energy[usable] + self.score_beta * estimate[usable]
+        positive = energy.clamp_min(0.0)
+        sizes = torch.tensor([b.numel for b in self.blocks], dtype=torch.float64)
+        cross = float((pi * positive).sum())
+        state["scores"] = torch.sqrt((sizes + 2.0) * positive + sizes * cross).clamp_min(1e-12)
 
 
 def _in(x: object, lo: float, hi: float, *, upper_open: bool = False) -> bool:
