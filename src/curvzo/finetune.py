@@ -82,12 +82,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         loss, info = take_step(optimizer, model, task, batch, cfg, active)
         if trajectory is not None:
             trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if info.get("skipped") or not math.isfinite(loss) else 0
-        if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise TrainingDiverged(
-                f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
-                f"(step {state.step}, lr {cfg.resolved_lr():g}); lower the learning rate"
-            )
+        _count_skips(state, loss, info, cfg)
         state.step += 1
         state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
         state.wall_time_s += time.perf_counter() - clock
@@ -257,6 +252,17 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
             batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length)
             total += scoring.accuracy(model, batch) * len(chunk)
     return total / len(examples)
+
+
+def _count_skips(state: TrainState, loss: float, info: dict[str, Any], cfg: TrainConfig) -> None:
+    """Single non-finite steps are skipped by the optimizer; a run of them means divergence."""
+    bad = info.get("skipped", False) or not math.isfinite(loss)
+    state.skipped_in_a_row = state.skipped_in_a_row + 1 if bad else 0
+    if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingDiverged(
+            f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
+            f"(step {state.step + 1}, lr {cfg.resolved_lr():g}); lower the learning rate"
+        )
 
 
 def _check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
