@@ -380,3 +380,16 @@ def test_bf16_updates_survive_only_with_stochastic_rounding():
 def test_invalid_rounding():
     with pytest.raises(ValueError, match="Invalid rounding: 'up'"):
         MeZO(make_params(), rounding="up")
+
+
+def test_adaptive_budget_is_computed_over_active_blocks_only():
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(50)]
+    active = torch.zeros(50, dtype=torch.bool)
+    active[:5] = True
+    opt = CurvZO(params, lr=0.0, seed=0)
+    state = opt._global_state()
+    state["scores"][:5] = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # flat among the active
+    k_before = state["k"]
+    opt._update_budget(state, active)
+    # Flat active scores: N_eff = n and H = 1, so f_raw = 0.1 + 0.7 * 0.7 whatever the 45 inactive blocks hold.
+    assert state["k"] == pytest.approx(0.9 * k_before + 0.1 * 50 * (0.1 + 0.7 * 0.7))

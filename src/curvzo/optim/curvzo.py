@@ -188,7 +188,7 @@ class CurvZO(ZOOptimizer):
 
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
-            self._update_budget(state)
+            self._update_budget(state, active)
         self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
         if self.sampling == "uniform":
             candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
@@ -199,14 +199,20 @@ class CurvZO(ZOOptimizer):
         ids = draw_poisson(self._step_pi, self._sampler)
         return ids, self._step_pi[ids]
 
-    def _update_budget(self, state: dict[str, Any]) -> None:
-        """Move k towards the share of blocks the scores say matter (more when they are flat)."""
+    def _update_budget(self, state: dict[str, Any], active: torch.Tensor | None) -> None:
+        """Move k towards the share of blocks the scores say matter (more when they are flat).
+
+        The statistics are taken over the blocks that can be drawn: inactive blocks (e.g. rows of
+        tokens absent from the batch) keep their initial score and would make the scores look flat.
+        """
         d = len(self.blocks)
-        v = state["scores"] / state["scores"].mean()
+        scores = state["scores"] if active is None else state["scores"][active]
+        v = scores / scores.mean()
+        n = v.numel()
         n_eff = float(v.sqrt().sum() ** 2 / v.sum())
         q = v / v.sum()
-        entropy = float(-(q * q.clamp_min(1e-300).log()).sum() / math.log(d)) if d > 1 else 1.0
-        f_raw = 0.1 + 0.7 * (0.7 * n_eff / d + 0.3 * (1.0 - entropy))
+        entropy = float(-(q * q.clamp_min(1e-300).log()).sum() / math.log(n)) if n > 1 else 1.0
+        f_raw = 0.1 + 0.7 * (0.7 * n_eff / n + 0.3 * (1.0 - entropy))
         state["k"] = min(max(0.9 * state["k"] + 0.1 * d * f_raw, 0.1 * d), 0.8 * d)
         if self.explore_mix == "adaptive":
             state["alpha"] = min(max(min(1.0 - entropy, 1.0 - d * 1e-4 / state["k"]), 0.05), 0.5)
