@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from curvzo.io import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -51,26 +52,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------------ files
-def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Have ``write(tmp)`` fill a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be read by all
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -88,13 +69,13 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomic JSON write (non-finite floats become null / "inf")."""
     text = json.dumps(_jsonable(data), indent=2) + "\n"
-    return atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Atomic ``fig.savefig`` (the format comes from ``path``'s suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
-    return atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, floatfmt: str = ".3g") -> str:
