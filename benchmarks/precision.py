@@ -1,6 +1,7 @@
 """Does bf16 ZO training follow the fp32 loss curve? Round-to-nearest vs stochastic rounding.
 
-    python -m benchmarks.precision            # SmolLM2-135M, SST-2, MeZO, 3 variants
+    python -m benchmarks.precision                                      # SmolLM2-135M, SST-2, MeZO, lr 1e-5
+    python -m benchmarks.precision --lr 1e-6 --name precision_lr1e-6    # updates far below half an ulp
 
 Trains the same model from the same seed three times with the same optimizer and batches: fp32
 weights, bf16 weights with round-to-nearest updates, and bf16 weights with stochastic rounding
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,13 +52,14 @@ def _run(args: argparse.Namespace, dtype: str, rounding: str, examples: list, he
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="mezo")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="precision", help="results file stem in benchmarks/results")
     args = parser.parse_args(argv)
     quiet_transformers()
     examples = sst2_examples(args.steps * args.batch_size + 32, seed=args.seed)
@@ -74,14 +77,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for name, run in runs.items()
     }
-    write_json(RESULTS_DIR / "precision.json", {"config": vars(args), "steps": steps, "runs": runs, "summary": summary})
-    _plot(steps, runs)
+    write_json(RESULTS_DIR / f"{args.name}.json", {"config": vars(args), "steps": steps, "runs": runs, "summary": summary})
+    _plot(steps, runs, RESULTS_DIR / f"{args.name}.png")
     rows = [[name, s["final_loss"], s["loss_change"], s["max_gap_to_fp32"], s["distance_moved"], s["seconds"]] for name, s in summary.items()]
     print(format_table(["variant", "final held-out loss", "change", "max |gap| to fp32", "||w - w0||", "s"], rows))
     return summary
 
 
-def _plot(steps: list[int], runs: dict[str, Any]) -> None:
+def _plot(steps: list[int], runs: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +99,7 @@ def _plot(steps: list[int], runs: dict[str, Any]) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save_figure(fig, RESULTS_DIR / "precision.png")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
