@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from .config import FO_METHODS, METHODS, PEFT_MODES, ZO_METHODS, TrainConfig
+from .config import FO_METHODS, METHODS, PEFT_MODES, ZO_METHODS, TrainConfig, read_yaml_mapping
 from .errors import ConfigError, CurvzoError, TrainingDiverged
 from .io import atomic_write, write_json, write_text
 
@@ -147,14 +147,7 @@ def run_folder_name(label: str, mode: str, lr: float | None, seed: int) -> str:
 def load_grid(path: str | Path, profile: str | None = None, out: str | Path | None = None) -> Grid:
     """Read, merge (profile over base) and validate a grid; every problem in one ConfigError."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"grid file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"grid file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"grid file {path} must hold a mapping (tasks, methods, seeds, profiles, ...)")
+    raw = read_yaml_mapping(path, "grid file", "a mapping (tasks, methods, seeds, profiles, ...)")
     problems: list[str] = []
     values, profile = _merge_profile(path, raw, profile, problems)
     grid = _build_grid(path, profile, values, out, problems)

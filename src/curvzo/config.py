@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides"]
+__all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides", "read_yaml_mapping"]
 
 ZO_METHODS = ("curvzo", "curvzo-ref", "mezo", "uniform-sparse", "curvzo-fixed")
 FO_METHODS = ("adamw", "sgd")
@@ -132,7 +132,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Defaults, then the YAML file, then ``overrides`` (flags win); unknown keys are errors."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_read_yaml(Path(path)))
+        values.update(read_yaml_mapping(Path(path)))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
@@ -151,17 +151,18 @@ def _number(key: str, raw: str) -> float:
         raise ConfigError(f"`{key}` must be a number, got {raw!r}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, kind: str = "config file", expect: str = "a mapping of keys to values") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty one); errors name ``kind``."""
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{kind} not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        raise ConfigError(f"{kind} {path} must hold {expect}")
     return data
 
 
