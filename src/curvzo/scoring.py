@@ -209,11 +209,13 @@ class _Fitter:
             context = context[-room:]
         return self.leading + context + continuation
 
-    def warn(self, rows: int, *, stacklevel: int) -> None:
+    def warn(self, *, stacklevel: int) -> None:
+        # One fixed text per max_length, so Python's warning registry shows it once per call site
+        # instead of once per batch (a count in the text would make every batch's warning new).
         if self.truncated:
             warnings.warn(
-                f"{self.truncated} of {rows} sequences were truncated from the left to "
-                f"max_length={self.max_length}",
+                f"sequences longer than max_length={self.max_length} are truncated from the left "
+                "(raise max_length to keep whole prompts)",
                 CurvzoWarning,
                 stacklevel=stacklevel + 1,
             )
@@ -350,7 +352,7 @@ def _build(
     else:
         rows = [fitter.row(context, continuation) for context, continuation in splits]
         lengths = [len(continuation) for _, continuation in splits]
-    fitter.warn(len(rows), stacklevel=3)  # report at encode's caller
+    fitter.warn(stacklevel=3)  # report at encode's caller
     input_ids, attention_mask = _pad_right(rows, _pad_id(tokenizer))
     return Batch(
         input_ids=input_ids,
@@ -558,7 +560,7 @@ def generate_answers(
         fitter.row(ids, reserved)[:-max_new_tokens]
         for ids in _token_ids(tokenizer, [ex.prompt for ex in examples])
     ]
-    fitter.warn(len(prompts), stacklevel=2)
+    fitter.warn(stacklevel=2)
     return _greedy(model, tokenizer, lm_head(model), prompts, max_new_tokens)
 
 
