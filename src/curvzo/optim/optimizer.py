@@ -122,6 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.eps = float(eps)
         self.rounding = rounding
         self._blocks: list[Block] | None = None
+        self._param_blocks: dict[int, tuple[int, int]] = {}  # id(param) -> its block id range, built with blocks
         super().__init__(params, {**defaults, "block_size": block_size})
         self._noise = NoiseSource()
         self._sampler = torch.Generator()  # step seeds and block draws; CPU so states are portable
@@ -134,6 +135,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Blocks in id order; rebuilt lazily when parameter groups change."""
         if self._blocks is None:
             self._blocks = build_blocks(self.param_groups)
+            self._param_blocks = {}
+            for block in self._blocks:  # a parameter's blocks have consecutive ids
+                first, _ = self._param_blocks.get(id(block.param), (block.index, 0))
+                self._param_blocks[id(block.param)] = (first, block.index + 1)
         return self._blocks
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -189,14 +194,15 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the step
     def blocks_of(self, param: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Ids of ``param``'s blocks, or of those holding any of ``rows`` (dim 0 indices)."""
-        ids = [b.index for b in self.blocks if b.param is param]
-        if not ids:
+        blocks = self.blocks
+        first, end = self._param_blocks.get(id(param), (0, 0))
+        if end == 0 or blocks[first].param is not param:
             raise ValueError("parameter is not managed by this optimizer")
-        ids_t = torch.tensor(ids)
+        ids = torch.arange(first, end)
         if rows is None:
-            return ids_t
-        rows_per_block = self.blocks[ids[0]].numel * param.shape[0] // param.numel()
-        return ids_t[torch.unique(torch.as_tensor(rows).flatten() // rows_per_block)]
+            return ids
+        rows_per_block = blocks[first].numel * param.shape[0] // param.numel()
+        return ids[torch.unique(torch.as_tensor(rows).flatten() // rows_per_block)]
 
     def rows_active(self, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Mask for ``step(active=...)``: every block active except ``param``'s rows not in ``rows``."""
