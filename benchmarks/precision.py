@@ -1,11 +1,12 @@
-"""Does bf16 ZO training follow the fp32 loss curve? Round-to-nearest vs stochastic rounding.
+"""Does bf16 ZO training follow the fp32 loss curve? Round-to-nearest vs stochastic rounding vs fp32 master copies.
 
     python -m benchmarks.precision                                      # SmolLM2-135M, SST-2, MeZO, lr 1e-5
     python -m benchmarks.precision --lr 1e-6 --name precision_lr1e-6    # updates far below half an ulp
 
-Trains the same model from the same seed three times with the same optimizer and batches: fp32
-weights, bf16 weights with round-to-nearest updates, and bf16 weights with stochastic rounding
-(curvzo's default, ``rounding="stochastic"``). Every ``--eval-every`` steps it records the loss
+Trains the same model from the same seed four times with the same optimizer and batches: fp32
+weights, bf16 weights with round-to-nearest updates, bf16 weights with stochastic rounding
+(``rounding="stochastic"``) and bf16 weights whose updates accumulate in fp32 master copies
+(``rounding="master"``; the optimizer state then holds 4 bytes per weight). Every ``--eval-every`` steps it records the loss
 on a fixed held-out batch (in the weights' own precision) and how far the weights moved from the
 start. Most ZO updates are below half a bf16 ulp, so round-to-nearest leaves the weights almost
 unchanged; stochastic rounding keeps the updates in expectation. Writes
@@ -25,7 +26,12 @@ from curvzo.optim import build_optimizer
 
 from ._common import RESULTS_DIR, encode_batch, format_table, label_loss, load_lm, quiet_transformers, save_figure, sst2_examples, write_json
 
-VARIANTS = (("fp32", "float32", "nearest"), ("bf16-nearest", "bfloat16", "nearest"), ("bf16-stochastic", "bfloat16", "stochastic"))
+VARIANTS = (
+    ("fp32", "float32", "nearest"),
+    ("bf16-nearest", "bfloat16", "nearest"),
+    ("bf16-stochastic", "bfloat16", "stochastic"),
+    ("bf16-master", "bfloat16", "master"),
+)
 
 
 def _run(args: argparse.Namespace, dtype: str, rounding: str, examples: list, held_out: list) -> dict[str, Any]:
@@ -46,7 +52,8 @@ def _run(args: argparse.Namespace, dtype: str, rounding: str, examples: list, he
         chunk = [examples[(step * args.batch_size + i) % len(examples)] for i in range(args.batch_size)]
         batch = encode_batch(tokenizer, chunk, max_length=args.max_length)
         opt.step(lambda: label_loss(model, batch))
-    return {"loss": curve, "distance": moved, "seconds": time.perf_counter() - clock}
+    masters = sum(s["master"].numel() * s["master"].element_size() for s in opt.state.values() if "master" in s)
+    return {"loss": curve, "distance": moved, "seconds": time.perf_counter() - clock, "master_mb": masters / 2**20}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -73,14 +80,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "loss_change": run["loss"][-1] - run["loss"][0],
             "max_gap_to_fp32": max(abs(a - b) for a, b in zip(run["loss"], fp32)),
             "distance_moved": run["distance"][-1],
+            "master_mb": round(run["master_mb"], 1),
             "seconds": round(run["seconds"], 1),
         }
         for name, run in runs.items()
     }
     write_json(RESULTS_DIR / f"{args.name}.json", {"config": vars(args), "steps": steps, "runs": runs, "summary": summary})
     _plot(steps, runs, RESULTS_DIR / f"{args.name}.png")
-    rows = [[name, s["final_loss"], s["loss_change"], s["max_gap_to_fp32"], s["distance_moved"], s["seconds"]] for name, s in summary.items()]
-    print(format_table(["variant", "final held-out loss", "change", "max |gap| to fp32", "||w - w0||", "s"], rows))
+    rows = [[name, s["final_loss"], s["loss_change"], s["max_gap_to_fp32"], s["distance_moved"], s["master_mb"], s["seconds"]]
+            for name, s in summary.items()]
+    print(format_table(["variant", "final held-out loss", "change", "max |gap| to fp32", "||w - w0||", "master MB", "s"], rows))
     return summary
 
 

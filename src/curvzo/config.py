@@ -25,7 +25,7 @@ METHODS = ZO_METHODS + FO_METHODS
 PEFT_MODES = ("none", "lora", "prefix")
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
-ROUNDINGS = ("stochastic", "nearest")
+ROUNDINGS = ("stochastic", "nearest", "master")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -62,7 +62,7 @@ class TrainConfig:
     objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
     rounding: str = field(
         default="stochastic",
-        metadata=_help("ZO updates of bf16/fp16 weights: stochastic (unbiased) | nearest (drops small updates)"),
+        metadata=_help("ZO updates of bf16/fp16 weights: stochastic (unbiased, no memory) | nearest (drops small updates) | master (fp32 master copies)"),
     )
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(

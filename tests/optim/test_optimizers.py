@@ -365,16 +365,67 @@ def test_stochastic_rounding_is_unbiased(dtype):
 
 
 def test_bf16_updates_survive_only_with_stochastic_rounding():
-    moved = {}
-    for rounding in ("nearest", "stochastic"):
-        p = torch.nn.Parameter(torch.full((4096,), 0.5, dtype=torch.bfloat16))
-        target = torch.zeros(4096)
-        opt = MeZO([p], lr=2e-7, eps=1e-2, seed=0, rounding=rounding)
-        for _ in range(50):
-            opt.step(lambda: ((p.float() - target) ** 2).sum())
-        moved[rounding] = 0.5 - p.float().mean().item()
-    assert moved["nearest"] == 0.0
-    assert moved["stochastic"] > 0.0
+    assert _mean_move_on_quadratic(torch.bfloat16, "nearest") == 0.0
+    assert _mean_move_on_quadratic(torch.bfloat16, "stochastic") > 0.0
+
+
+def _mean_move_on_quadratic(dtype: torch.dtype, rounding: str) -> float:
+    p = torch.nn.Parameter(torch.full((4096,), 0.5, dtype=dtype))
+    opt = MeZO([p], lr=2e-7, eps=1e-2, seed=0, rounding=rounding)
+    for _ in range(50):
+        opt.step(lambda: (p.float() ** 2).sum())
+    return 0.5 - p.float().mean().item()
+
+
+def test_master_copies_make_bf16_follow_fp32():
+    fp32 = _mean_move_on_quadratic(torch.float32, "nearest")
+    master = _mean_move_on_quadratic(torch.bfloat16, "master")
+    assert fp32 > 0.0
+    assert _mean_move_on_quadratic(torch.bfloat16, "nearest") == 0.0
+    # the weights are the master's nearest rounding: within half a bf16 ulp of 0.5 of fp32
+    assert abs(master - fp32) <= 2.0**-10
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_master_mode_resumes_and_replays_bit_identically(case):
+    params = make_params(torch.bfloat16)
+    start = [p.detach().clone() for p in params]
+    opt = case.cls(params, lr=0.01, weight_decay=0.05, seed=4, rounding="master", **case.kwargs)
+    records = []
+    for _ in range(15):
+        opt.step(quadratic(params))
+        records.append(opt.last_step.record)
+    masters = [opt.state[p]["master"] for p in params if "master" in opt.state[p]]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+
+    replica = [torch.nn.Parameter(s.clone()) for s in start]
+    applier = case.cls(replica, lr=0.01, seed=0, rounding="master", **case.kwargs)
+    for record in records:
+        applier.apply(record)
+    assert all(torch.equal(a, b) for a, b in zip(params, replica))
+
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = case.cls(clones, lr=0.01, weight_decay=0.05, seed=999, rounding="master", **case.kwargs)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(10):
+        opt.step(quadratic(params))
+        resumed.step(quadratic(clones))
+        assert all(torch.equal(a, b) for a, b in zip(params, clones))
+    assert all(torch.equal(opt.state[a]["master"], resumed.state[b]["master"])
+               for a, b in zip(params, clones) if "master" in opt.state[a])
+
+
+def test_master_mode_is_a_no_op_for_fp32_and_at_lr_zero():
+    params = make_params()
+    opt = MeZO(params, lr=0.01, seed=0, rounding="master")
+    opt.step(quadratic(params))
+    assert not any("master" in opt.state[p] for p in params)
+    bf16 = make_params(torch.bfloat16)
+    before = [p.detach().clone() for p in bf16]
+    still = CurvZO(bf16, lr=0.0, eps=1e-2, seed=0, rounding="master")
+    for _ in range(10):
+        still.step(quadratic(bf16))
+    assert all(torch.equal(p, b) for p, b in zip(bf16, before))
 
 
 def test_invalid_rounding():

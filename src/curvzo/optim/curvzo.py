@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from ._sampling import draw_multinomial, draw_poisson, draw_uniform, pps_inclusion
-from .optimizer import StepRecord, ZOOptimizer
+from .optimizer import Rounding, StepRecord, ZOOptimizer
 
 __all__ = ["CurvZO"]
 
@@ -64,7 +64,8 @@ class CurvZO(ZOOptimizer):
             matrices). Default: one block per tensor, as the paper.
         init_score (float): initial score of every block (default: 0.01).
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
-            (unbiased, reproducible); ``"nearest"`` drops them (default: nearest).
+            (unbiased, reproducible); ``"master"`` accumulates them in fp32 master copies;
+            ``"nearest"`` drops them (default: nearest).
 
     Example:
         >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -94,7 +95,7 @@ class CurvZO(ZOOptimizer):
         score_beta: float = 0.1,
         normalize_by_numel: bool = False,
         block_size: int | None = None,
-        rounding: Literal["nearest", "stochastic"] = "nearest",
+        rounding: Rounding = "nearest",
         init_score: float = 0.01,
     ) -> None:
         if sampling not in _SAMPLINGS:

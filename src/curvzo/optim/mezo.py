@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from .optimizer import ZOOptimizer
+from .optimizer import Rounding, ZOOptimizer
 
 __all__ = ["MeZO"]
 
@@ -28,7 +28,8 @@ class MeZO(ZOOptimizer):
         block_size (int, optional): noise granularity; results depend on it only through the
             noise streams, since every block is always perturbed.
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
-            (unbiased, reproducible); ``"nearest"`` drops them (default: nearest).
+            (unbiased, reproducible); ``"master"`` accumulates them in fp32 master copies;
+            ``"nearest"`` drops them (default: nearest).
 
     Example:
         >>> opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
@@ -47,7 +48,7 @@ class MeZO(ZOOptimizer):
         *,
         seed: int = 0,
         block_size: int | None = None,
-        rounding: Literal["nearest", "stochastic"] = "nearest",
+        rounding: Rounding = "nearest",
     ) -> None:
         super().__init__(
             params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,

@@ -30,7 +30,8 @@ from ._rounding import round_stochastic
 __all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups"]
 
 Closure = Callable[[], Any]
-Rounding = Literal["nearest", "stochastic"]
+Rounding = Literal["nearest", "stochastic", "master"]
+ROUNDINGS = ("nearest", "stochastic", "master")
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         block_size (int, optional): split tensors larger than this many elements into blocks
             (whole rows for matrices); a group may set its own. Default: one block per tensor.
         rounding (str): how updates of bf16/fp16 weights are stored: ``"nearest"`` (loses updates
-            below half an ulp) or ``"stochastic"`` (unbiased; reproducible). Default: nearest.
+            below half an ulp), ``"stochastic"`` (unbiased; reproducible; no memory) or
+            ``"master"`` (an fp32 master copy of each low-precision parameter, created when one
+            of its blocks is first updated, accumulates the updates; the weights are its nearest
+            rounding, so they follow fp32 training at the cost of 4 bytes per such element).
+            Default: nearest.
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -117,8 +122,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps (perturbation scale): {eps}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"Invalid rounding: {rounding!r} (choose from nearest, stochastic)")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"Invalid rounding: {rounding!r} (choose from {', '.join(ROUNDINGS)})")
         self.eps = float(eps)
         self.rounding = rounding
         self._blocks: list[Block] | None = None
@@ -329,7 +334,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             wd = record.weight_decay[block.group]
             z = self._noise.noise(block, record.seed)
             target = block.view()
-            work = target if target.dtype == torch.float32 else target.float()
+            work = self._work_view(block)
             if wd:
                 work.mul_(1.0 - lr * wd)
             work.add_(z, alpha=-lr * record.grad / pi)
@@ -338,3 +343,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.rounding == "stochastic":
                 work = round_stochastic(work, target.dtype, self._noise.generator(block, record.seed, salt=1))
             target.copy_(work)
+
+    def _work_view(self, block: Block) -> torch.Tensor:
+        """Where a block's update is computed in fp32: the weights themselves, a temporary upcast,
+        or (``rounding="master"``) the block's slice of its parameter's persistent fp32 master,
+        made from the weights when the parameter is first updated, so replay recreates it."""
+        target = block.view()
+        if target.dtype == torch.float32:
+            return target
+        if self.rounding != "master":
+            return target.float()
+        state = self.state[block.param]
+        if "master" not in state:
+            state["master"] = block.param.detach().float()
+        return state["master"].view(-1)[block.start : block.end]
