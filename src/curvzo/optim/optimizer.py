@@ -338,8 +338,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if wd:
                 work.mul_(1.0 - lr * wd)
             work.add_(z, alpha=-lr * record.grad / pi)
-            if work is target:
-                continue
+            if target.dtype == torch.float32:
+                continue  # updated in place
             if self.rounding == "stochastic":
                 work = round_stochastic(work, target.dtype, self._noise.generator(block, record.seed, salt=1))
             target.copy_(work)
