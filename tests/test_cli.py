@@ -48,11 +48,15 @@ def test_lora_curvzo_trains_only_the_adapter(tiny_dir, data_dir, tmp_path):
     assert saved and all("lora" in name for name in saved)
 
 
-def test_resume_continues_bit_identically(tiny_dir, data_dir, tmp_path):
+BF16_MASTER = ("--dtype", "bfloat16", "--rounding", "master")
+
+
+@pytest.mark.parametrize("precision", [(), BF16_MASTER], ids=["fp32", "bf16-master"])
+def test_resume_continues_bit_identically(tiny_dir, data_dir, tmp_path, precision):
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ("--steps", "4", "--eval-every", "2", "--lr", "1e-3")
+    args = ("--steps", "4", "--eval-every", "2", "--lr", "1e-3", *precision)
     assert run_cli(tiny_dir, data_dir, full, *args) == 0
-    assert run_cli(tiny_dir, data_dir, part, "--steps", "2", "--eval-every", "2", "--lr", "1e-3") == 0
+    assert run_cli(tiny_dir, data_dir, part, "--steps", "2", "--eval-every", "2", "--lr", "1e-3", *precision) == 0
     assert main(["train", "--resume", str(part), "--steps", "4", "--no-progress"]) == 0
     a = load_file(str(full / "checkpoint" / "model.safetensors"))
     b = load_file(str(part / "checkpoint" / "model.safetensors"))
@@ -135,13 +139,14 @@ def test_resume_refuses_another_config(tiny_dir, data_dir, tmp_path, capsys):
     assert "config differs in lr" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method,peft", [("curvzo", "none"), ("curvzo-ref", "none"), ("mezo", "lora")])
-def test_replay_rebuilds_the_trained_weights(tiny_dir, data_dir, tmp_path, method, peft):
+@pytest.mark.parametrize("method,peft,precision", [("curvzo", "none", ()), ("curvzo-ref", "none", ()), ("mezo", "lora", ()),
+                                                  ("curvzo", "none", BF16_MASTER)])
+def test_replay_rebuilds_the_trained_weights(tiny_dir, data_dir, tmp_path, method, peft, precision):
     from curvzo.finetune import replay
 
     out = tmp_path / "run"
     assert run_cli(tiny_dir, data_dir, out, "--method", method, "--peft", peft, "--steps", "5", "--eval-every", "5",
-                   "--lr", "1e-3") == 0
+                   "--lr", "1e-3", *precision) == 0
     trained = load_file(str(out / "checkpoint" / "model.safetensors"))
     rebuilt = dict(replay(str(tiny_dir), out / "trajectory.czt", tmp_path / "rebuilt"))
     assert trained.keys() == rebuilt.keys()
