@@ -71,6 +71,8 @@ CASES = [
     ("unwritable-output", lambda m, d, r: ((r.parent / "file").write_text(""), ["--output-dir", str(r.parent / "file" / "x")])[1], "not writable"),
     ("bad-config-yaml", lambda m, d, r: ((r.parent / "c.yaml").write_text("steps: [1,"), ["--config", str(r.parent / "c.yaml")])[1], "not valid YAML"),
     ("missing-config", lambda m, d, r: ["--config", str(r.parent / "nope.yaml")], "config file not found"),
+    ("unknown-device", lambda m, d, r: ["--device", "tpu"], "`device` must be auto, cpu, cuda or cuda:N"),
+    ("absent-gpu", lambda m, d, r: ["--device", "cuda:99"], "is not available on this machine"),
 ]
 
 

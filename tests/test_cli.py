@@ -69,9 +69,9 @@ def test_resume_continues_bit_identically(tiny_dir, data_dir, tmp_path, precisio
 def test_cli_equals_api(tiny_dir, data_dir, tmp_path):
     from curvzo import TrainConfig, train
 
-    assert run_cli(tiny_dir, data_dir, tmp_path / "cli", "--lr", "1e-3") == 0
+    assert run_cli(tiny_dir, data_dir, tmp_path / "cli", "--lr", "1e-3", "--device", "cpu") == 0
     cfg = TrainConfig(model=str(tiny_dir), task="sst2", data_dir=str(data_dir), num_train=16, num_dev=8,
-                      num_test=8, batch_size=4, steps=2, eval_every=1, lr=1e-3, output_dir=str(tmp_path / "api"))
+                      num_test=8, batch_size=4, steps=2, eval_every=1, lr=1e-3, device="cpu", output_dir=str(tmp_path / "api"))
     api = train(cfg, progress=False)
     cli = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert {k: v for k, v in api.items() if k != "wall_time_s"} == {k: v for k, v in cli.items() if k != "wall_time_s"}

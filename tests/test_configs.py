@@ -24,3 +24,12 @@ def test_config_is_valid(path):
 
 def test_configs_exist():
     assert len(CONFIGS) >= 3
+
+
+def test_device_auto_is_the_gpu_when_there_is_one():
+    import torch
+
+    from curvzo.config import TrainConfig
+
+    assert TrainConfig().resolved_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert TrainConfig(device="cpu").resolved_device() == torch.device("cpu")

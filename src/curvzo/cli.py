@@ -37,6 +37,7 @@ _FLAGS = {
     "--eval-every": ("eval_every", int), "--num-train": ("num_train", int), "--num-dev": ("num_dev", int),
     "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
     "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
+    "--device": ("device", str),
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import ConfigError
@@ -64,6 +65,10 @@ class TrainConfig:
         default="stochastic",
         metadata=_help("ZO updates of bf16/fp16 weights: stochastic (unbiased, no memory) | nearest (drops small updates) | master (fp32 master copies)"),
     )
+    device: str = field(
+        default="auto",
+        metadata=_help("auto (cuda when available) | cpu | cuda | cuda:N; replay on the same device type (noise streams differ)"),
+    )
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(
         default=None,
@@ -87,6 +92,12 @@ class TrainConfig:
         full, adapter = DEFAULT_LR["zo" if self.is_zo else self.method]
         return full if self.peft == "none" else adapter
 
+    def resolved_device(self) -> torch.device:
+        """Where the model and batches live: ``auto`` is the first GPU when there is one."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
@@ -109,12 +120,29 @@ class TrainConfig:
             out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
+        out += _device_problems(self.device)
         if not isinstance(self.task, (str, dict)):
             out.append("`task` must be a task name or a task definition mapping")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _device_problems(device: Any) -> list[str]:
+    if device == "auto":
+        return []
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return [f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}"]
+    if parsed.type == "cpu":
+        return []
+    if parsed.type != "cuda":
+        return [f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}"]
+    if not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count():
+        return [f"`device` {device!r} is not available on this machine (use cpu or auto)"]
+    return []
 
 
 def _positive(x: Any) -> bool:

@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     clock = time.perf_counter()
     while state.step < cfg.steps:
         batch_examples = train_batch(train_set, state.step, cfg)
-        batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length)
+        batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
         active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
         loss, info = take_step(optimizer, model, task, batch, cfg, active)
         if trajectory is not None:
@@ -144,7 +144,7 @@ def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torc
     sets = tuple([task.render(d) for d in docs] for docs in (splits.train, splits.dev, splits.test))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     scoring.check_fits(model, cfg.max_length)
-    model = apply_peft(model, cfg.peft, seed=cfg.seed)
+    model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     return task, sets, model, tokenizer, trainable_named_parameters(model)
 
 
@@ -236,7 +236,7 @@ def _active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -
     if not row_groups:
         return None
     rows = [batch.input_ids.flatten()] + ([batch.choice_ids.flatten()] if batch.choice_ids is not None else [])
-    return optimizer.rows_active(weight, torch.unique(torch.cat(rows)))
+    return optimizer.rows_active(weight, torch.unique(torch.cat(rows)).cpu())
 
 
 @torch.no_grad()
@@ -249,7 +249,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
             predictions = scoring.generate_answers(model, tokenizer, chunk)
             total += sum(scoring.squad_f1(p, e.answers) for p, e in zip(predictions, chunk))
         else:
-            batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length)
+            batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length).to(cfg.resolved_device())
             total += scoring.accuracy(model, batch) * len(chunk)
     return total / len(examples)
 
@@ -298,7 +298,7 @@ def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list
     header, records = read_trajectory(trajectory)
     cfg = TrainConfig(**{**header["config"], "model": base_model})
     model, _ = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
-    model = apply_peft(model, cfg.peft, seed=cfg.seed)
+    model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     named = trainable_named_parameters(model)
     if fingerprint(named) != header["fingerprint"]:
         raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {base_model}")
@@ -315,7 +315,8 @@ def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list
 
 # ---------------------------------------------------------------------- state helpers
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in named}
+    """A CPU copy: what safetensors files hold, whatever device the run uses."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in named}
 
 
 @torch.no_grad()
