@@ -3,14 +3,22 @@
     python -m benchmarks.precision                                      # SmolLM2-135M, SST-2, MeZO, lr 1e-5
     python -m benchmarks.precision --lr 1e-6 --name precision_lr1e-6    # updates far below half an ulp
 
-Trains the same model from the same seed four times with the same optimizer and batches: fp32
-weights, bf16 weights with round-to-nearest updates, bf16 weights with stochastic rounding
-(``rounding="stochastic"``) and bf16 weights whose updates accumulate in fp32 master copies
-(``rounding="master"``; the optimizer state then holds 4 bytes per weight). Every ``--eval-every`` steps it records the loss
-on a fixed held-out batch (in the weights' own precision) and how far the weights moved from the
-start. Most ZO updates are below half a bf16 ulp, so round-to-nearest leaves the weights almost
-unchanged; stochastic rounding keeps the updates in expectation. Writes
-``benchmarks/results/precision.json`` and ``precision.png`` and prints a table.
+Two experiments from the same seed, optimizer and batches, so every variant draws the same noise
+directions z:
+
+* training: fp32 weights, then bf16 weights with each way of storing updates: round-to-nearest,
+  stochastic rounding (``rounding="stochastic"``) and fp32 master copies (``rounding="master"``;
+  the optimizer state then holds 4 bytes per weight). Each computes its own projected gradients,
+  so bf16 differs from fp32 in two ways: how updates are stored, and the gradients themselves
+  (the forwards see bf16 weights and an eps*z perturbation rounded to bf16).
+* storage only: each bf16 variant replays the fp32 run's projected gradients
+  (``opt.replay(grad)``), which isolates what the storage mode keeps of the same updates.
+
+Every ``--eval-every`` steps it records the held-out loss (in the weights' own precision) and the
+displacement from the start (of the master copy when there is one). Reported: the loss change,
+the largest gap between a variant's loss change and fp32's, ||dw - dw_fp32|| (how far the
+displacement is from fp32's), and the correlation of the projected gradients with fp32's. Writes
+``benchmarks/results/<name>.json`` and ``<name>.png`` and prints a table.
 """
 
 from __future__ import annotations
@@ -34,26 +42,43 @@ VARIANTS = (
 )
 
 
-def _run(args: argparse.Namespace, dtype: str, rounding: str, examples: list, held_out: list) -> dict[str, Any]:
+def _displacement(params: list[torch.Tensor], start: list[torch.Tensor], opt: Any) -> list[torch.Tensor]:
+    """w - w0 of what the optimizer holds: the fp32 master where there is one, else the weights."""
+    return [opt.state[p]["master"] - s if "master" in opt.state[p] else p.detach().float() - s for p, s in zip(params, start)]
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return float(sum((t.double() ** 2).sum() for t in tensors) ** 0.5)
+
+
+def _run(
+    args: argparse.Namespace, dtype: str, rounding: str, examples: list, held_out: list, grads: list[float] | None
+) -> dict[str, Any]:
+    """One run: trains on its own forwards, or (``grads`` given) replays those projected gradients."""
     model, tokenizer = load_lm("smollm2-135m", dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().float().clone() for p in params]
     opt = build_optimizer(args.method, params, lr=args.lr, eps=args.eps, seed=args.seed, rounding=rounding)
     eval_batch = encode_batch(tokenizer, held_out, max_length=args.max_length)
-    curve, moved = [], []
+    curve, moved, seen = [], [], []
     clock = time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
             with torch.no_grad():
                 curve.append(float(label_loss(model, eval_batch)))
-                moved.append(float(sum(((p.float() - s) ** 2).sum() for p, s in zip(params, start)) ** 0.5))
+            moved.append(_norm(_displacement(params, start, opt)))
         if step == args.steps:
             break
-        chunk = [examples[(step * args.batch_size + i) % len(examples)] for i in range(args.batch_size)]
-        batch = encode_batch(tokenizer, chunk, max_length=args.max_length)
-        opt.step(lambda: label_loss(model, batch))
+        if grads is not None:
+            opt.replay(grads[step])
+        else:
+            chunk = [examples[(step * args.batch_size + i) % len(examples)] for i in range(args.batch_size)]
+            batch = encode_batch(tokenizer, chunk, max_length=args.max_length)
+            opt.step(lambda: label_loss(model, batch))
+        seen.append(opt.last_step.grad)
     masters = sum(s["master"].numel() * s["master"].element_size() for s in opt.state.values() if "master" in s)
-    return {"loss": curve, "distance": moved, "seconds": time.perf_counter() - clock, "master_mb": masters / 2**20}
+    return {"loss": curve, "distance": moved, "grads": seen, "seconds": time.perf_counter() - clock,
+            "master_mb": masters / 2**20, "displacement": _displacement(params, start, opt)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -71,26 +96,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_transformers()
     examples = sst2_examples(args.steps * args.batch_size + 32, seed=args.seed)
     held_out, examples = examples[:32], examples[32:]
-    runs = {name: _run(args, dtype, rounding, examples, held_out) for name, dtype, rounding in VARIANTS}
+    runs = {name: _run(args, dtype, rounding, examples, held_out, None) for name, dtype, rounding in VARIANTS}
+    fp32_grads = runs["fp32"]["grads"]
+    runs |= {f"{name} (fp32 grads)": _run(args, dtype, rounding, examples, held_out, fp32_grads)
+             for name, dtype, rounding in VARIANTS[1:]}
     steps = list(range(0, args.steps + 1, args.eval_every))
-    fp32 = runs["fp32"]["loss"]
-    summary = {
-        name: {
-            "final_loss": run["loss"][-1],
-            "loss_change": run["loss"][-1] - run["loss"][0],
-            "max_gap_to_fp32": max(abs(a - b) for a, b in zip(run["loss"], fp32)),
-            "distance_moved": run["distance"][-1],
-            "master_mb": round(run["master_mb"], 1),
-            "seconds": round(run["seconds"], 1),
-        }
-        for name, run in runs.items()
-    }
+    summary = {name: _summary(run, runs["fp32"]) for name, run in runs.items()}
+    for run in runs.values():
+        del run["displacement"]  # tensors: summarised above
     write_json(RESULTS_DIR / f"{args.name}.json", {"config": vars(args), "steps": steps, "runs": runs, "summary": summary})
     _plot(steps, runs, RESULTS_DIR / f"{args.name}.png")
-    rows = [[name, s["final_loss"], s["loss_change"], s["max_gap_to_fp32"], s["distance_moved"], s["master_mb"], s["seconds"]]
-            for name, s in summary.items()]
-    print(format_table(["variant", "final held-out loss", "change", "max |gap| to fp32", "||w - w0||", "master MB", "s"], rows))
+    columns = ("loss_change", "max_change_gap", "distance_moved", "distance_to_fp32", "grad_corr", "master_mb", "seconds")
+    rows = [[name, *(s[c] for c in columns)] for name, s in summary.items()]
+    print(format_table(["variant", "held-out loss change", "max |change - fp32's|", "||dw||", "||dw - dw_fp32||",
+                        "grad corr", "master MB", "s"], rows))
     return summary
+
+
+def _summary(run: dict[str, Any], fp32: dict[str, Any]) -> dict[str, float]:
+    change = [x - run["loss"][0] for x in run["loss"]]
+    fp32_change = [x - fp32["loss"][0] for x in fp32["loss"]]
+    grads, reference = torch.tensor(run["grads"]), torch.tensor(fp32["grads"])
+    return {
+        "final_loss": run["loss"][-1],
+        "loss_change": change[-1],
+        "max_change_gap": max(abs(a - b) for a, b in zip(change, fp32_change)),
+        "distance_moved": run["distance"][-1],
+        "distance_to_fp32": _norm([a - b for a, b in zip(run["displacement"], fp32["displacement"])]),
+        "grad_corr": float(torch.corrcoef(torch.stack([grads, reference]))[0, 1]),
+        "master_mb": round(run["master_mb"], 1),
+        "seconds": round(run["seconds"], 1),
+    }
 
 
 def _plot(steps: list[int], runs: dict[str, Any], path: Path) -> None:
@@ -99,11 +135,12 @@ def _plot(steps: list[int], runs: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, run in runs.items():
-        left.plot(steps, run["loss"], marker="o", label=name)
-        right.plot(steps, run["distance"], marker="o", label=name)
-    left.set(xlabel="step", ylabel="held-out loss", title="Loss (same seed, same batches)")
+        style = "--" if "fp32 grads" in name else "-"
+        left.plot(steps, [x - run["loss"][0] for x in run["loss"]], style, marker="o", label=name)
+        right.plot(steps, run["distance"], style, marker="o", label=name)
+    left.set(xlabel="step", ylabel="held-out loss - its start", title="Loss change (same seed, same batches)")
     right.set(xlabel="step", ylabel="||w - w0||", title="Distance moved")
     for ax in (left, right):
         ax.grid(alpha=0.3)
