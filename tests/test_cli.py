@@ -139,6 +139,15 @@ def test_resume_refuses_another_config(tiny_dir, data_dir, tmp_path, capsys):
     assert "config differs in lr" in capsys.readouterr().err
 
 
+def test_resume_compares_only_settings_that_change_the_run(tiny_dir, data_dir, tmp_path, capsys):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert run_cli(tiny_dir, data_dir, fp32, "--rounding", "stochastic") == 0
+    assert main(["train", "--resume", str(fp32), "--steps", "3", "--rounding", "nearest", "--no-progress"]) == 0
+    assert run_cli(tiny_dir, data_dir, bf16, "--dtype", "bfloat16", "--rounding", "stochastic") == 0
+    assert main(["train", "--resume", str(bf16), "--steps", "3", "--rounding", "master", "--no-progress"]) == 2
+    assert "config differs in rounding" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method,peft,precision", [("curvzo", "none", ()), ("curvzo-ref", "none", ()), ("mezo", "lora", ()),
                                                   ("curvzo", "none", BF16_MASTER)])
 def test_replay_rebuilds_the_trained_weights(tiny_dir, data_dir, tmp_path, method, peft, precision):

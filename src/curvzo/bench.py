@@ -476,8 +476,8 @@ def check_existing(grid: Grid) -> None:
         saved_file = run.path / "config.yaml"
         if run.label == ZERO_SHOT or not saved_file.exists():
             continue
-        saved = yaml.safe_load(saved_file.read_text()) or {}
-        current = run.config.to_dict()
+        saved = TrainConfig(**(yaml.safe_load(saved_file.read_text()) or {})).comparable()
+        current = run.config.comparable()
         ignored = _IGNORED_FOR_DONE if run.done else _IGNORED_FOR_PARTIAL
         changed = sorted(k for k in saved if k in current and k not in ignored and saved[k] != current[k])
         if changed:

@@ -26,7 +26,7 @@ METHODS = ZO_METHODS + FO_METHODS
 PEFT_MODES = ("none", "lora", "prefix")
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
-ROUNDINGS = ("stochastic", "nearest", "master")
+ROUNDINGS = ("master", "stochastic", "nearest")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -62,8 +62,9 @@ class TrainConfig:
     dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
     objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
     rounding: str = field(
-        default="stochastic",
-        metadata=_help("ZO updates of bf16/fp16 weights: stochastic (unbiased, no memory) | nearest (drops small updates) | master (fp32 master copies)"),
+        default="master",
+        metadata=_help("ZO updates of bf16/fp16 weights: master (fp32 master copies: follows fp32, +4 B per weight) | "
+                       "stochastic (unbiased, no memory, random walk) | nearest (drops small updates)"),
     )
     device: str = field(
         default="auto",
@@ -127,6 +128,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def comparable(self) -> dict[str, Any]:
+        """``to_dict`` without settings that cannot change this run (rounding of fp32 weights), so a
+        resume or a benchmark grid does not refuse a run over a default that changed since."""
+        out = self.to_dict()
+        if self.dtype == "float32":
+            out.pop("rounding")
+        return out
 
 
 def _device_problems(device: Any) -> list[str]:
