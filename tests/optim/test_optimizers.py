@@ -28,6 +28,7 @@ CASES = [
     Case("curvzo-square-explore-floor", CurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
     Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
     Case("curvzo-energy", CurvZO, {"feedback": "energy", "pi_floor": 0.05}),
+    Case("curvzo-dense-below", CurvZO, {"dense_below": 4, "block_size": 8}),
 ]
 IDS = [c.desc for c in CASES]
 
@@ -38,6 +39,8 @@ BAD_INPUTS = [
     (MeZO, {"seed": 1.5}, TypeError, "seed must be an int"),
     (MeZO, {"block_size": 0}, ValueError, "Invalid block_size: 0"),
     (CurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
+    (CurvZO, {"dense_below": -1}, ValueError, "Invalid dense_below: -1"),
+    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling='pps'"),
     (CurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
     (CurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
     (CurvZO, {"pi_floor": 0.1, "sampling": "uniform"}, ValueError, "pi_floor requires sampling='pps'"),
@@ -294,6 +297,25 @@ def test_presets_cover_the_ablations():
     with pytest.raises(ValueError, match="Unknown ZO method 'adam'"):
         build_optimizer("adam", params)
     assert set(PRESETS) >= {"mezo", "curvzo", "curvzo-ref", "uniform-sparse", "curvzo-fixed"}
+
+
+def test_dense_below_perturbs_small_blocks_every_step_and_samples_the_rest():
+    small = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    large = [torch.nn.Parameter(torch.zeros(100)) for _ in range(20)]
+    opt = CurvZO(small + large, lr=0.0, seed=0, dense_below=10, budget=0.25)
+    pi = opt.inclusion_probabilities()
+    assert torch.equal(pi[:3], torch.ones(3, dtype=torch.float64))
+    assert (pi[3:] < 1).all() and pi[3:].sum().item() == pytest.approx(5.0, abs=1e-6)  # the budget, all on large
+    for _ in range(10):
+        opt.step(lambda: sum((p**2).sum() for p in small + large))
+        assert set(range(3)) <= set(opt.last_step.record.blocks)
+    active = torch.zeros(23, dtype=torch.bool)
+    active[[1, 5, 6]] = True
+    pi = opt.inclusion_probabilities(active)
+    assert pi[1] == 1.0 and pi[0] == 0.0 and pi[2] == 0.0 and (pi[7:] == 0).all()
+    everything_small = CurvZO(small, lr=0.0, dense_below=10)
+    assert torch.equal(everything_small.inclusion_probabilities(), torch.ones(3, dtype=torch.float64))
+    assert build_optimizer("curvzo", small).dense_below == 16384 and build_optimizer("curvzo-ref", small).dense_below == 0
 
 
 def test_scores_stay_float64_across_bf16_state_dict():

@@ -63,6 +63,10 @@ class CurvZO(ZOOptimizer):
         block_size (int, optional): split tensors larger than this into blocks (whole rows for
             matrices). Default: one block per tensor, as the paper.
         init_score (float): initial score of every block (default: 0.01).
+        dense_below (int): blocks of at most this many elements are perturbed at every step
+            (pi = 1) and the budget is spent on the others (``pps`` only). Small blocks (norm
+            gains, biases, embedding rows) cost nothing to perturb, while sampling them scales
+            their updates by 1/pi on directions of high curvature (default: 0, none).
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
             (unbiased, reproducible); ``"master"`` accumulates them in fp32 master copies;
             ``"nearest"`` drops them (default: nearest).
@@ -97,6 +101,7 @@ class CurvZO(ZOOptimizer):
         block_size: int | None = None,
         rounding: Rounding = "nearest",
         init_score: float = 0.01,
+        dense_below: int = 0,
     ) -> None:
         if sampling not in _SAMPLINGS:
             raise ValueError(f"Invalid sampling: {sampling!r} (choose from {', '.join(_SAMPLINGS)})")
@@ -118,6 +123,10 @@ class CurvZO(ZOOptimizer):
             raise ValueError(f"Invalid score_beta: {score_beta!r} (a float in (0, 1])")
         if not (isinstance(init_score, (int, float)) and init_score > 0):
             raise ValueError(f"Invalid init_score: {init_score!r} (a positive float)")
+        if not (isinstance(dense_below, int) and not isinstance(dense_below, bool) and dense_below >= 0):
+            raise ValueError(f"Invalid dense_below: {dense_below!r} (an int >= 0)")
+        if dense_below and sampling != "pps":
+            raise ValueError(f"dense_below requires sampling='pps', got sampling={sampling!r}")
         self.sampling = sampling
         self.feedback = feedback
         self.explore_mix = explore_mix
@@ -128,6 +137,9 @@ class CurvZO(ZOOptimizer):
         self.score_beta = float(score_beta)
         self.normalize_by_numel = normalize_by_numel
         self.init_score = float(init_score)
+        self.dense_below = dense_below
+        self._dense_for: list | None = None
+        self._dense = torch.zeros(0, dtype=torch.bool)
         super().__init__(
             params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
             rounding=rounding,
@@ -173,13 +185,23 @@ class CurvZO(ZOOptimizer):
         if self.sampling == "uniform":
             support = torch.ones(len(self.blocks), dtype=torch.float64) if active is None else active.double()
             return support * k / support.sum()
-        p = self.sampling_distribution(active)
         if self.sampling == "multinomial":
-            return torch.clamp(k * p, max=1.0)
-        pi = pps_inclusion(p, k)
+            return torch.clamp(k * self.sampling_distribution(active), max=1.0)
+        dense = self._dense_blocks(active)
+        drawable = ~dense if active is None else active & ~dense
+        if not bool(drawable.any()):
+            return dense.double()
+        pi = pps_inclusion(self.sampling_distribution(drawable), k)
         if self.pi_floor:
-            pi = pi.clamp_min(self.pi_floor) if active is None else torch.where(active, pi.clamp_min(self.pi_floor), pi)
-        return pi
+            pi = torch.where(drawable, pi.clamp_min(self.pi_floor), pi)
+        return torch.where(dense, torch.ones_like(pi), pi)
+
+    def _dense_blocks(self, active: torch.Tensor | None) -> torch.Tensor:
+        """Blocks always perturbed (``dense_below``), among the active ones."""
+        if self._dense_for is not self.blocks:  # blocks are rebuilt after load_state_dict
+            self._dense = torch.tensor([b.numel <= self.dense_below for b in self.blocks], dtype=torch.bool)
+            self._dense_for = self.blocks
+        return self._dense if active is None else self._dense & active
 
     def _k_int(self, active: torch.Tensor | None) -> int:
         """Blocks to draw: the budget fraction of the blocks that can be drawn."""
