@@ -64,7 +64,7 @@ class CurvZO(ZOOptimizer):
             matrices). Default: one block per tensor, as the paper.
         init_score (float): initial score of every block (default: 0.01).
         dense_below (int): blocks of at most this many elements are perturbed at every step
-            (pi = 1) and the budget is spent on the others (``pps`` only). Small blocks (norm
+            (pi = 1); the budget is a fraction of the other blocks (``pps`` only). Small blocks (norm
             gains, biases, embedding rows) cost nothing to perturb, while sampling them scales
             their updates by 1/pi on directions of high curvature (default: 0, none).
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
@@ -181,20 +181,27 @@ class CurvZO(ZOOptimizer):
 
     def inclusion_probabilities(self, active: torch.Tensor | None = None) -> torch.Tensor:
         """pi_b of every block for the next step (0 outside ``active``); pps draws with exactly these."""
+        if not self.dense_below:
+            return self._sparse_inclusion(active)
+        dense = self._dense_blocks(active)
+        drawable = self._drawable(active)
+        if not bool(drawable.any()):
+            return dense.double()
+        return torch.where(dense, torch.ones(len(self.blocks), dtype=torch.float64), self._sparse_inclusion(drawable))
+
+    def _sparse_inclusion(self, active: torch.Tensor | None) -> torch.Tensor:
+        """pi over the blocks that are sampled, with the budget a fraction of their number."""
         k = self._k_int(active)
         if self.sampling == "uniform":
             support = torch.ones(len(self.blocks), dtype=torch.float64) if active is None else active.double()
             return support * k / support.sum()
+        p = self.sampling_distribution(active)
         if self.sampling == "multinomial":
-            return torch.clamp(k * self.sampling_distribution(active), max=1.0)
-        dense = self._dense_blocks(active)
-        drawable = ~dense if active is None else active & ~dense
-        if not bool(drawable.any()):
-            return dense.double()
-        pi = pps_inclusion(self.sampling_distribution(drawable), k)
+            return torch.clamp(k * p, max=1.0)
+        pi = pps_inclusion(p, k)
         if self.pi_floor:
-            pi = torch.where(drawable, pi.clamp_min(self.pi_floor), pi)
-        return torch.where(dense, torch.ones_like(pi), pi)
+            pi = pi.clamp_min(self.pi_floor) if active is None else torch.where(active, pi.clamp_min(self.pi_floor), pi)
+        return pi
 
     def _dense_blocks(self, active: torch.Tensor | None) -> torch.Tensor:
         """Blocks always perturbed (``dense_below``), among the active ones."""
@@ -202,6 +209,12 @@ class CurvZO(ZOOptimizer):
             self._dense = torch.tensor([b.numel <= self.dense_below for b in self.blocks], dtype=torch.bool)
             self._dense_for = self.blocks
         return self._dense if active is None else self._dense & active
+
+    def _drawable(self, active: torch.Tensor | None) -> torch.Tensor | None:
+        """The blocks the budget is a fraction of: the active ones, less those always perturbed."""
+        if not self.dense_below:
+            return active
+        return ~self._dense_blocks(None) if active is None else active & ~self._dense_blocks(None)
 
     def _k_int(self, active: torch.Tensor | None) -> int:
         """Blocks to draw: the budget fraction of the blocks that can be drawn."""
@@ -211,7 +224,7 @@ class CurvZO(ZOOptimizer):
 
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
-            self._update_budget(state, active)
+            self._update_budget(state, self._drawable(active))
         self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
         if self.sampling == "uniform":
             candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
@@ -230,6 +243,8 @@ class CurvZO(ZOOptimizer):
         """
         d = len(self.blocks)
         scores = state["scores"] if active is None else state["scores"][active]
+        if scores.numel() == 0:
+            return  # every active block is always perturbed: nothing to budget
         v = scores / scores.mean()
         n = v.numel()
         n_eff = float(v.sqrt().sum() ** 2 / v.sum())
