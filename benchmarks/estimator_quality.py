@@ -187,6 +187,8 @@ METHODS: list[MethodSpec] = [
     MethodSpec("ref+rows-active", "curvzo-ref", embed_block_size=ROW, active_rows=True,
                note="embedding rows as blocks; rows that cannot change the loss left out (step(active=...))"),
     MethodSpec("ref+rows-active+energy", "curvzo-ref", (("feedback", "energy"),), embed_block_size=ROW, active_rows=True),
+    MethodSpec("curvzo-harness", "curvzo", embed_block_size=ROW, active_rows=True,
+               note="`curvzo train --method curvzo`: the preset (dense_below=16384) + embedding rows + active rows"),
 ]
 
 #: Selectable with --methods, not run by default (time).
