@@ -5,7 +5,7 @@ first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Id
 ``curvzo bench ...`` (the grid runner is :mod:`curvzo.bench`); run from the repository root:
 
     python -m benchmarks.accuracy --profile quick     # < 30 min on 2 CPU cores
-    python -m benchmarks.accuracy                     # profile cpu: the README table, ~8 CPU-hours, resumable
+    python -m benchmarks.accuracy --jobs 2            # profile cpu: the README table, ~4.5 h on 2 cores, resumable
     python -m benchmarks.accuracy --aggregate-only    # accuracy.json / accuracy.md / figures from finished runs
 
 Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``,
