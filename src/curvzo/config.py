@@ -144,12 +144,10 @@ def _device_problems(device: Any) -> list[str]:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
         return [f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}"]
-    if parsed.type == "cpu":
-        return []
-    if parsed.type != "cuda":
-        return [f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}"]
-    if not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count():
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
         return [f"`device` {device!r} is not available on this machine (use cpu or auto)"]
     return []
 

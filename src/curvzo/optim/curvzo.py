@@ -214,7 +214,8 @@ class CurvZO(ZOOptimizer):
         """The blocks the budget is a fraction of: the active ones, less those always perturbed."""
         if not self.dense_below:
             return active
-        return ~self._dense_blocks(None) if active is None else active & ~self._dense_blocks(None)
+        sampled = ~self._dense_blocks(None)
+        return sampled if active is None else active & sampled
 
     def _k_int(self, active: torch.Tensor | None) -> int:
         """Blocks to draw: the budget fraction of the blocks that can be drawn."""

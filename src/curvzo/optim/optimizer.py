@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -31,7 +31,7 @@ __all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups"]
 
 Closure = Callable[[], Any]
 Rounding = Literal["nearest", "stochastic", "master"]
-ROUNDINGS = ("nearest", "stochastic", "master")
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 
 @dataclass(frozen=True)
