@@ -80,6 +80,18 @@ def decay_param_groups(
     return [g for g in groups if g["params"]]
 
 
+def _to_host(values: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim tensors as one float64 CPU vector, with one copy per device rather than one per block:
+    on a GPU a per-block ``float()`` stalls the launch queue hundreds of times a step."""
+    out = torch.empty(len(values), dtype=torch.float64)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(i)
+    for index in by_device.values():
+        out[index] = torch.stack([values[i] for i in index]).to("cpu", torch.float64)
+    return out
+
+
 def _as_float(loss: Any) -> float:
     return float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
 
@@ -301,23 +313,23 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _noise_norms(self, blocks: list[Block], seed: int) -> torch.Tensor:
         """||z_b||^2 of each block, computed as ``_shift`` computes it."""
-        return torch.tensor([float(torch.dot(z, z)) for z in (self._noise.noise(b, seed) for b in blocks)], dtype=torch.float64)
+        return _to_host([torch.dot(z, z) for z in (self._noise.noise(b, seed) for b in blocks)])
 
     def _shift(
         self, blocks: list[Block], originals: list[torch.Tensor], seed: int, scale: float
     ) -> torch.Tensor:
         """Write original + scale * z into each block; returns ||z_b||^2 where a subclass needs it."""
-        norms = torch.zeros(len(blocks), dtype=torch.float64)
-        for i, (block, original) in enumerate(zip(blocks, originals)):
+        norms: list[torch.Tensor] = []
+        for block, original in zip(blocks, originals):
             z = self._noise.noise(block, seed)
             if self._needs_noise_norms and scale > 0:
-                norms[i] = float(torch.dot(z, z))
+                norms.append(torch.dot(z, z))
             target = block.view()
             if target.dtype == torch.float32:
                 torch.add(original, z, alpha=scale, out=target)
             else:
                 target.copy_(original.float().add_(z, alpha=scale))
-        return norms
+        return _to_host(norms) if norms else torch.zeros(len(blocks), dtype=torch.float64)
 
     @torch.no_grad()
     def apply(self, record: StepRecord) -> None:
