@@ -201,8 +201,18 @@ def test_tasks_where_the_baseline_did_not_improve_carry_no_forward_ratio():
                rec("rte", "mezo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
                rec("rte", "curvzo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.7)])]
     s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])["summary"]
-    assert s["per_task"]["sst2"]["forward_ratio"] == 0.0 and s["per_task"]["sst2"]["baseline_improved"] is False
+    assert s["per_task"]["sst2"]["forward_ratio"] is None and s["per_task"]["sst2"]["baseline_improved"] is False
     assert s["forward_ratio_tasks"] == 1 and s["forward_ratio_to_mezo_final"] == pytest.approx(0.5)
+
+
+def test_forward_ratio_divides_by_where_the_baseline_first_reaches_its_final():
+    # mezo peaks at 100 passes and ends at 0.65, first reached at 75: curvzo reaching 0.65 at 75 is no speed-up
+    records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7), (200, 0.65)]),
+               rec("sst2", "curvzo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7), (200, 0.7)])]
+    data = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"])
+    ratios = data["tasks"][0]["forward_ratio_to_baseline_final"]
+    assert ratios["mezo"] == pytest.approx(1.0) and ratios["curvzo"] == pytest.approx(1.0)
+    assert data["summary"]["forward_ratio_to_mezo_final"] == pytest.approx(1.0)
 
 
 def test_lr_selection_uses_seeds_every_lr_has():

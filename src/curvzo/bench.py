@@ -750,11 +750,15 @@ def summarize(
             row["baseline_improved"] = target > base["curve"][0][1]
             row["forward_to_baseline_final"] = {}
             row["forward_ratio_to_baseline_final"] = {}
+            # The denominator is where the baseline itself first reaches its final accuracy, not its
+            # budget: a baseline curve that peaks early would otherwise make anyone look faster.
+            own = forward_to_reach([tuple(p) for p in base["curve"]], target)
             for label, by_mode in cells.items():
                 if label in zo and mode in by_mode and by_mode[mode]["curve"]:
                     reach = forward_to_reach([tuple(p) for p in by_mode[mode]["curve"]], target)
                     row["forward_to_baseline_final"][label] = reach
-                    row["forward_ratio_to_baseline_final"][label] = None if reach is None or budget <= 0 else reach / budget
+                    if row["baseline_improved"]:
+                        row["forward_ratio_to_baseline_final"][label] = None if reach is None else reach / own
         rows.append(row)
     per_method = {}
     for label in dict.fromkeys(r["label"] for r in records):
