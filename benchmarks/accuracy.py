@@ -1,4 +1,4 @@
-"""python -m benchmarks.accuracy [--profile quick|cpu|paper] [--only task=sst2,method=mezo] [--jobs N]
+"""python -m benchmarks.accuracy [--profile quick|cpu|gpu|paper] [--only task=sst2,method=mezo] [--jobs N]
 
 The accuracy benchmark of issue 4: CurvZO against MeZO, uniform-sparse, fixed-budget CurvZO and
 first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Identical to
@@ -7,6 +7,7 @@ first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Id
     python -m benchmarks.accuracy --profile quick     # < 30 min on 2 CPU cores
     python -m benchmarks.accuracy --jobs 2            # profile cpu: the README table, ~4.5 h on 2 cores, resumable
     python -m benchmarks.accuracy --aggregate-only    # accuracy.json / accuracy.md / figures from finished runs
+    python -m benchmarks.accuracy --profile gpu --jobs 12   # 300 steps, on one GPU (~40-60 min on an H200)
 
 Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``,
 ``accuracy.json``, ``accuracy.md``, ``accuracy_<task>.png``, ``forward_ratio.png``,
