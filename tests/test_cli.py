@@ -172,3 +172,18 @@ def test_replay_refuses_another_base_model(tiny_dir, data_dir, tmp_path, capsys)
     assert main(["replay", str(other), str(out / "trajectory.czt"), "--out", str(tmp_path / "x")]) == 2
     assert "other base weights" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`curvzo bench --dry-run | head` must end quietly, as other command-line tools do."""
+    import subprocess
+    import sys
+
+    script = ("import sys, curvzo.cli as c\n"
+              "c._COMMANDS['tasks'] = lambda args: [print('x' * 80) for _ in range(100_000)]\n"
+              "sys.exit(c.main(['tasks']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err and err == ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CurvzoError as err:
         print(f"curvzo: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `curvzo bench --dry-run | head`: the reader left early. Point stdout at /dev/null so that
+        # the interpreter's final flush does not raise again, and exit like other CLI tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 
