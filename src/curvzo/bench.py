@@ -1,7 +1,7 @@
 """Accuracy benchmark: a YAML grid of fine-tuning runs, run resumably and aggregated (``curvzo bench``).
 
     curvzo bench --profile quick                      # < 30 min on 2 CPU cores (sst2, rte; 3 methods)
-    curvzo bench --grid benchmarks/grids/cpu.yaml     # the README table (profile cpu, ~8 CPU-hours)
+    curvzo bench --grid benchmarks/grids/cpu.yaml     # the README table (profile cpu, ~4.5 h with --jobs 2)
     curvzo bench --only task=sst2,method=mezo --jobs 2
     curvzo bench --aggregate-only                     # tables and figures from the finished runs
     curvzo bench --dry-run                            # what would run, what is done
@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .checkpoint import RunDir
 from .config import FO_METHODS, METHODS, PEFT_MODES, ZO_METHODS, TrainConfig, read_yaml_mapping
 from .errors import ConfigError, CurvzoError, TrainingDiverged
 from .io import atomic_write, write_json, write_text
@@ -473,15 +472,13 @@ def check_existing(grid: Grid) -> None:
     """Refuse to mix runs of another config into the grid's folders (e.g. another profile's)."""
     problems = []
     for run in all_runs(grid):
-        saved_file = run.path / "config.yaml"
-        if run.label == ZERO_SHOT or not saved_file.exists():
+        if run.label == ZERO_SHOT or not (run.path / "config.yaml").exists():
             continue
-        saved = TrainConfig(**(yaml.safe_load(saved_file.read_text()) or {})).comparable()
-        current = run.config.comparable()
-        ignored = _IGNORED_FOR_DONE if run.done else _IGNORED_FOR_PARTIAL
-        changed = sorted(k for k in saved if k in current and k not in ignored and saved[k] != current[k])
+        saved = RunDir(run.path).read_config()
+        changed = saved.differences(run.config, _IGNORED_FOR_DONE if run.done else _IGNORED_FOR_PARTIAL)
         if changed:
-            diff = ", ".join(f"{k}: {saved[k]!r} there, {current[k]!r} in the grid" for k in changed)
+            there, here = saved.comparable(), run.config.comparable()
+            diff = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} in the grid" for k in changed)
             problems.append(f"{run.path} ({diff})")
     if problems:
         raise ConfigError("run folders hold runs of another config; use another --out or remove them: "

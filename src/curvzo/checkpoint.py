@@ -59,9 +59,7 @@ class RunDir:
         return TrainConfig(**(yaml.safe_load(config_file.read_text()) or {}))
 
     def _check_same_config(self, cfg: TrainConfig) -> None:
-        saved = self.read_config().comparable()
-        current = cfg.comparable()
-        changed = sorted(k for k in current.keys() | saved.keys() if k not in _RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
+        changed = self.read_config().differences(cfg, _RESUMABLE_DIFFERENCES)
         if changed:
             raise CheckpointError(f"cannot resume {self.path}: config differs in {', '.join(changed)}")
 

@@ -137,6 +137,11 @@ class TrainConfig:
             out.pop("rounding")
         return out
 
+    def differences(self, other: TrainConfig, ignore: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Sorted names of the comparable settings in which ``other`` differs, ``ignore`` aside."""
+        mine, theirs = self.comparable(), other.comparable()
+        return sorted(k for k in mine.keys() | theirs.keys() if k not in ignore and mine.get(k) != theirs.get(k))
+
 
 def _device_problems(device: Any) -> list[str]:
     if device == "auto":
