@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from curvzo.io import atomic_write
+from curvzo.model_options import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -47,9 +48,6 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # ------------------------------------------------------------------------------------ files
 def _jsonable(value: Any) -> Any:

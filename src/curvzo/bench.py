@@ -38,18 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import RunDir
-from .config import FO_METHODS, METHODS, PEFT_MODES, ZO_METHODS, TrainConfig, read_yaml_mapping
+from .config import FO_METHODS, METHODS, ZO_METHODS, TrainConfig, read_yaml_mapping
 from .errors import ConfigError, CurvzoError, TrainingDiverged
 from .io import atomic_write, write_json, write_text
+from .model_options import PEFT_MODES
 
 __all__ = [
     "Grid", "MethodSpec", "Run", "load_grid", "plan", "run_bench", "aggregate", "summarize",
     "run_folder_name", "format_lr", "parse_only", "forward_to_reach", "TARGETS",
 ]
 
-#: mode name -> ``TrainConfig.peft``.
-MODES = {"full": "none", "lora": "lora", "prefix": "prefix"}
-assert set(MODES.values()) == set(PEFT_MODES)
+#: Grid mode name -> ``TrainConfig.peft``: the PEFT modes, with ``none`` called ``full``.
+MODES = {("full" if peft == "none" else peft): peft for peft in PEFT_MODES}
 
 #: The issue's targets for CurvZO against MeZO (reported next to the measured numbers).
 TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4}

