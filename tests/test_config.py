@@ -46,3 +46,24 @@ def test_dtype_and_peft_choices_are_the_model_tables(name, table):
 def test_an_unhashable_choice_is_a_config_error_not_a_crash():
     with pytest.raises(ConfigError, match="`dtype` must be one of"):
         TrainConfig(dtype=["float32"])
+
+
+def test_yaml_reads_exponents_without_a_dot_as_numbers_in_files_and_overrides(tmp_path):
+    from curvzo.config import load_config, parse_overrides
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-5\neps: 1.0e-3\nweight_decay: 2E-2\noptimizer_options: {pi_floor: 5e-2}\n")
+    cfg = load_config(path, parse_overrides(["eps=3e-4"]))
+    assert (cfg.lr, cfg.eps, cfg.weight_decay, cfg.optimizer_options) == (1e-5, 3e-4, 2e-2, {"pi_floor": 5e-2})
+    assert parse_overrides(["model=1e5x", "seed=7"]) == {"model": "1e5x", "seed": 7}  # only whole numbers convert
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("steps", True, "`steps` must be an integer >= 1, got True"),
+    ("seed", 1.0, "`seed` must be an integer, got 1.0"),
+    ("lr", "1e-5", "`lr` must be a finite number > 0, got '1e-5'"),
+    ("weight_decay", float("inf"), "`weight_decay` must be a finite number >= 0"),
+])
+def test_bools_strings_and_non_finite_values_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{key: value})

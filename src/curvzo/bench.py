@@ -42,6 +42,7 @@ from .config import FO_METHODS, METHODS, ZO_METHODS, TrainConfig, read_yaml_mapp
 from .errors import ConfigError, CurvzoError, TrainingDiverged
 from .io import atomic_write, write_json, write_text
 from .model_options import PEFT_MODES
+from .optim._validate import is_int, is_real
 
 __all__ = [
     "Grid", "MethodSpec", "Run", "load_grid", "plan", "run_bench", "aggregate", "summarize",
@@ -306,8 +307,8 @@ def _str_list(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
 
 
 def _int_list(value: Any, where: str, problems: list[str]) -> tuple[int, ...]:
-    value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(value, list) or not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+    value = [value] if is_int(value) else value
+    if not isinstance(value, list) or not value or not all(is_int(x) for x in value):
         problems.append(f"`{where}` must be a non-empty list of integers, got {value!r}")
         return ()
     if len(set(value)) != len(value):
@@ -316,15 +317,11 @@ def _int_list(value: Any, where: str, problems: list[str]) -> tuple[int, ...]:
 
 
 def _number(value: Any, where: str, problems: list[str]) -> float:
-    """A positive finite float; YAML reads ``1e-5`` (no dot) as a string, so strings are parsed."""
-    try:
-        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
+    """A positive finite number, as a float."""
+    if not (is_real(value) and value > 0):
         problems.append(f"`{where}` must hold positive numbers, got {value!r}")
         return math.nan
-    return number
+    return float(value)
 
 
 def _eps(value: Any, where: str, modes: tuple[str, ...], problems: list[str]) -> dict[str, float]:
@@ -509,7 +506,7 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> Report:
     """Run the grid's pending runs (``jobs`` at a time), then aggregate everything finished."""
-    if not isinstance(jobs, int) or jobs < 1:
+    if not is_int(jobs, minimum=1):
         raise ConfigError(f"--jobs must be an integer >= 1, got {jobs!r}")
     only = only or {}
     check_existing(grid)

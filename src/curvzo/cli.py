@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .config import TrainConfig, load_config, parse_overrides
+from .config import TrainConfig, load_config, load_yaml, parse_overrides
 from .errors import ConfigError, CurvzoError
 
 __all__ = ["main"]
@@ -106,7 +106,7 @@ def _flag_type(hint: Any) -> Callable[[str], Any]:
 def _yaml_of(kind: type, expected: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             value = None
         if not isinstance(value, kind):

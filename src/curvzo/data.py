@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, TextIO
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
 from curvzo.io import write_text
+from curvzo.optim._validate import is_int
 from curvzo.tasks import TaskConfig, get_task
 
 __all__ = ["MIN_DEV", "Splits", "default_cache_dir", "fetch_mr", "load_splits"]
@@ -106,7 +107,7 @@ def load_splits(
     """
     config = get_task(task) if isinstance(task, str) else task
     for name, value in (("num_train", num_train), ("num_dev", num_dev), ("num_test", num_test)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_int(value, minimum=0):
             raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}")
     pool, test_pool = _read_pools(config, data_dir)
     n_train, n_dev = _fit(len(pool), num_train, num_dev)

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from curvzo.errors import ConfigError, ModelError
 from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode
+from curvzo.optim._validate import is_int, is_real
 
 __all__ = [
     "MODEL_ALIASES",
@@ -376,11 +377,11 @@ def _peft_config(
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if mode == "lora":
-        if lora_r < 1:
+        if not is_int(lora_r, minimum=1):
             raise ConfigError(f"Invalid lora_r: {lora_r}; must be at least 1")
-        if lora_alpha <= 0:
+        if not (is_real(lora_alpha) and lora_alpha > 0):
             raise ConfigError(f"Invalid lora_alpha: {lora_alpha}; must be positive")
-        if not 0.0 <= lora_dropout < 1.0:
+        if not is_real(lora_dropout, lo=0.0, hi=1.0, hi_open=True):
             raise ConfigError(f"Invalid lora_dropout: {lora_dropout}; must be in [0, 1)")
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
@@ -391,7 +392,7 @@ def _peft_config(
             # GPT-2's Conv1D layers store their weight transposed.
             fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
         )
-    if num_virtual_tokens < 1:
+    if not is_int(num_virtual_tokens, minimum=1):
         raise ConfigError(f"Invalid num_virtual_tokens: {num_virtual_tokens}; must be at least 1")
     return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens)
 

@@ -21,6 +21,7 @@ from typing import IO, Any, Literal, get_args
 import yaml
 
 from curvzo.errors import ConfigError, DataError
+from curvzo.optim._validate import is_int
 
 __all__ = [
     "Example",
@@ -183,7 +184,7 @@ class TaskConfig:
         self._check_name()
         self._check_prompt()
         self._check_data()
-        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 0:
+        if not is_int(self.version, minimum=0):
             raise ConfigError(f"task `{self.name}`: `version` must be a non-negative integer, got {self.version!r}")
         choices = self.doc_to_choice
         object.__setattr__(self, "num_labels", len(choices) if isinstance(choices, tuple) else None)
@@ -323,7 +324,7 @@ class TaskConfig:
         label = self._value(self.doc_to_target, doc)
         if isinstance(label, str) and label.strip().lstrip("-").isdigit():
             label = int(label)  # CSV files hold every value as text
-        if not isinstance(label, int):
+        if not is_int(label):
             raise DataError(f"task `{self.name}`: label {label!r} is not an integer index into the choices")
         if not 0 <= label < num_choices:
             raise DataError(f"label {label} outside the {num_choices} choices of task `{self.name}`")
