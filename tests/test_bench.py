@@ -55,6 +55,7 @@ BAD_GRIDS = [
     ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "colour": 1}}}, r"methods.mezo`: unknown key\(s\) colour"),
     ({"steps": 0}, r"methods.mezo \(full\): `steps` must be an integer >= 1"),
     ({"methods": {}}, r"`methods` must be a non-empty mapping"),
+    ({"out": None}, r"no results folder: set `out` in the grid or pass one"),
 ]
 
 
@@ -62,6 +63,14 @@ BAD_GRIDS = [
 def test_invalid_grid_raises_one_config_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, **change))
+
+
+def test_the_library_has_no_repository_paths_as_defaults(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["sst2"], "methods": {"mezo": {"lr": {"full": [1e-3]}}}}))
+    grid = load_grid(path, out=tmp_path / "results")
+    assert grid.out == tmp_path / "results" and grid.data_dir is None and grid.model == "smollm2-135m"
+    assert load_grid(SHIPPED).out == Path("benchmarks/results")  # the repository's folder comes from its grid
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
