@@ -7,9 +7,11 @@
     curvzo bench --dry-run                            # what would run, what is done
     python -m benchmarks.accuracy ...                 # the same command
 
-The package has three parts: :mod:`~curvzo.bench.grid` (the grid file, its profiles and the
-runs' configs), :mod:`~curvzo.bench.runs` (run folders, planning, resumable execution) and
-:mod:`~curvzo.bench.report` (lr selection on dev, ``accuracy.json``, ``accuracy.md``, figures).
+The package has four parts: :mod:`~curvzo.bench.grid` (the grid file, its profiles and the
+runs' configs), :mod:`~curvzo.bench.runs` (run folders, planning, resumable execution),
+:mod:`~curvzo.bench.store` (finished runs packed into one ``runs.tar.gz`` per results folder,
+with ``pack: true`` in the grid) and :mod:`~curvzo.bench.report` (lr selection on dev,
+``accuracy.json``, ``accuracy.md``, figures).
 With ``select_seeds`` the grid runs every lr on those seeds only and the selected lr on the
 remaining seeds (5 runs instead of 9 for 3 lrs x 3 seeds).
 """
@@ -23,10 +25,11 @@ from ..optim._validate import is_int
 from .grid import Grid, MethodSpec, format_lr, load_grid, parse_only, run_folder_name, select_lr
 from .report import TARGETS, aggregate, forward_to_reach, summarize
 from .runs import Report, Run, check_existing, drop_weights, plan, schedule, selected
+from .store import ARCHIVE, pack
 
 __all__ = [
     "Grid", "MethodSpec", "Report", "Run", "load_grid", "plan", "run_bench", "aggregate", "summarize",
-    "run_folder_name", "format_lr", "parse_only", "forward_to_reach", "select_lr", "TARGETS",
+    "run_folder_name", "format_lr", "parse_only", "forward_to_reach", "select_lr", "pack", "TARGETS",
 ]
 
 
@@ -64,5 +67,7 @@ def run_bench(
                 drop_weights(run.path)
         schedule(grid, only, jobs, progress, report, log)
         _, report.waiting = plan(grid)
+        if grid.pack and (packed := pack(grid.out)):
+            log(f"packed {len(packed)} finished run(s) into {grid.out / ARCHIVE}")
     report.outputs, report.summary = aggregate(grid, log=log)
     return report

@@ -32,7 +32,7 @@ MODES = {("full" if peft == "none" else peft): peft for peft in PEFT_MODES}
 #: Label and folder prefix of the zero-shot evaluations (no training).
 ZERO_SHOT = "zero-shot"
 
-_GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights",
+_GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights", "pack",
               "compare", "out", "model", "data_dir"}
 _TOP_ONLY = {"profiles", "default_profile"}
 _METHOD_KEYS = {"method", "lr", "tasks", "modes", "eps", "set"}
@@ -77,6 +77,7 @@ class Grid:
     settings: dict[str, Any]  # TrainConfig run settings shared by every run
     zero_shot: bool = True
     keep_weights: bool = False
+    pack: bool = False  # move finished runs' records into <out>/runs.tar.gz after each `run_bench`
     compare: tuple[str, str] = ("curvzo", "mezo")  # (method, baseline) labels of the summary
     base_out: Path | None = None  # the grid file's top-level `out`; a report's command names any other
 
@@ -184,7 +185,7 @@ def _build_grid(
     if not set(select) <= set(seeds):
         problems.append(f"`select_seeds` {list(select)} must be a subset of `seeds` {list(seeds)}")
     settings = {k: v[k] for k in v if k in _SETTINGS}
-    for key in ("zero_shot", "keep_weights"):
+    for key in ("zero_shot", "keep_weights", "pack"):
         if key in v and not isinstance(v[key], bool):
             problems.append(f"`{key}` must be true or false, got {v[key]!r}")
     compare = v.get("compare") or {}
@@ -208,7 +209,7 @@ def _build_grid(
         path=path, profile=profile, out=Path(out if out is not None else v["out"]),
         model=str(v.get("model", _DEFAULT_MODEL)), data_dir=v.get("data_dir"),
         tasks=tasks, modes=modes, seeds=seeds, select_seeds=select, methods=methods, settings=settings,
-        zero_shot=v.get("zero_shot", True), keep_weights=v.get("keep_weights", False),
+        zero_shot=v.get("zero_shot", True), keep_weights=v.get("keep_weights", False), pack=v.get("pack", False),
         compare=(compare.get("method", "curvzo"), compare.get("baseline", "mezo")),
         base_out=None if base_out is None else Path(base_out),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import statistics
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
 from .runs import all_runs, training_run
+from .store import RECORDS
 
 __all__ = ["TARGETS", "aggregate", "forward_to_reach", "summarize"]
 
@@ -373,14 +375,21 @@ def _heatmap_figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
         mode = next(m for m, c in row["methods"][method].items() if c is cell)
         spec = next(s for s in grid.methods if s.label == method)
         run = training_run(grid, row["task"], spec, mode, cell["lr"], cell["seeds"][0])
-        if not (run.path / "log.jsonl").exists() or not (run.path / "scores.json").exists():
+        records = {name: run.record(name) for name in RECORDS}
+        if records["log.jsonl"] is None or records["scores.json"] is None:
             continue
-        plot_run(run.path)
         paths = []
-        for name in ("budget.png", "scores.png"):
-            source = run.path / "plots" / name
-            if source.exists():
-                paths.append(atomic_write(grid.out / f"{method}_{name}", lambda tmp, s=source: shutil.copyfile(s, tmp)))
+        with tempfile.TemporaryDirectory() as tmp:  # the run's records, from its folder or the archive
+            copy = Path(tmp) / run.path.name
+            copy.mkdir()
+            for name, content in records.items():
+                if content is not None:
+                    (copy / name).write_bytes(content)
+            plot_run(copy)
+            for name in ("budget.png", "scores.png"):
+                source = copy / "plots" / name
+                if source.exists():
+                    paths.append(atomic_write(grid.out / f"{method}_{name}", lambda out, s=source: shutil.copyfile(s, out)))
         data["summary"]["heatmap_run"] = str(run.path)
         return paths
     return []

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import RunDir
-from ..config import TrainConfig
+from ..config import TrainConfig, load_yaml
 from ..errors import ConfigError, TrainingDiverged
 from ..io import write_json, write_text
 from .grid import ZERO_SHOT, Grid, MethodSpec, run_config, run_folder_name, select_lr
+from .store import read_record
 
 __all__ = ["Report", "Run", "all_runs", "check_existing", "execute", "plan", "drop_weights", "schedule", "selected", "training_run", "zero_shot_run"]
 
@@ -54,14 +54,23 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return (self.path / "results.json").exists()
+        return self.record("results.json") is not None
 
     @property
     def resumable(self) -> bool:
         return any((self.path / n / "state.pt").exists() for n in ("checkpoint", "checkpoint.old"))
 
+    def record(self, name: str) -> bytes | None:
+        """The run's file ``name``, from its folder or, once packed, from the results archive."""
+        return read_record(self.path, name)
+
     def results(self) -> dict[str, Any]:
-        return json.loads((self.path / "results.json").read_text())
+        return json.loads(self.record("results.json") or b"")
+
+    def saved_config(self) -> TrainConfig | None:
+        """The config the run was started with; None before it started."""
+        text = self.record("config.yaml")
+        return None if text is None else TrainConfig(**(load_yaml(text.decode()) or {}))
 
 
 def training_run(grid: Grid, task: str, spec: MethodSpec, mode: str, lr: float, seed: int) -> Run:
@@ -122,9 +131,9 @@ def check_existing(grid: Grid) -> None:
     """Refuse to mix runs of another config into the grid's folders (e.g. another profile's)."""
     problems = []
     for run in all_runs(grid):
-        if run.label == ZERO_SHOT or not (run.path / "config.yaml").exists():
+        saved = None if run.label == ZERO_SHOT else run.saved_config()
+        if saved is None:
             continue
-        saved = RunDir(run.path).read_config()
         changed = saved.differences(run.config, _IGNORED_FOR_DONE if run.done else _IGNORED_FOR_PARTIAL)
         if changed:
             there, here = saved.comparable(), run.config.comparable()
