@@ -141,7 +141,7 @@ class TrainConfig:
 
     def comparable(self) -> dict[str, Any]:
         """``to_dict`` without settings that cannot change this run (rounding of fp32 weights), so a
-        resume or a benchmark grid does not refuse a run over a default that changed since."""
+        resume or a benchmark grid compares only what the run's weights depend on."""
         out = self.to_dict()
         if self.dtype == "float32":
             out.pop("rounding")
