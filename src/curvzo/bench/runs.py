@@ -19,13 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, load_yaml
+import yaml
+
+from ..config import TrainConfig
 from ..errors import ConfigError, TrainingDiverged
 from ..io import write_json, write_text
 from .grid import ZERO_SHOT, Grid, MethodSpec, run_config, run_folder_name, select_lr
 from .store import read_record
 
-__all__ = ["Report", "Run", "all_runs", "check_existing", "execute", "plan", "drop_weights", "schedule", "selected", "training_run", "zero_shot_run"]
+__all__ = [
+    "Report", "Run", "all_runs", "check_existing", "drop_weights", "execute", "plan", "schedule", "selected",
+    "training_run", "zero_shot_run",
+]
 
 # Config keys that may differ between a finished run and the grid (paths, evaluation chunking).
 _IGNORED_FOR_DONE = {"output_dir", "eval_batch_size", "data_dir"}
@@ -70,7 +75,7 @@ class Run:
     def saved_config(self) -> TrainConfig | None:
         """The config the run was started with; None before it started."""
         text = self.record("config.yaml")
-        return None if text is None else TrainConfig(**(load_yaml(text.decode()) or {}))
+        return None if text is None else TrainConfig(**(yaml.safe_load(text) or {}))  # as RunDir.read_config
 
 
 def training_run(grid: Grid, task: str, spec: MethodSpec, mode: str, lr: float, seed: int) -> Run:
