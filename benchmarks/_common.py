@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from curvzo.io import atomic_write
+from curvzo.model_options import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -49,9 +50,6 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # ------------------------------------------------------------------------------------ files
 def _jsonable(value: Any) -> Any:
