@@ -135,3 +135,32 @@ def test_diverging_lr_stops_with_one_line(tiny_dir, data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diverged" in err
     assert not (run / "results.json").exists()
+
+
+def test_output_folder_of_an_earlier_run(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_ok(tiny_dir, data_dir, run)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--output-dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_overwrite_of_a_folder_that_is_no_run(tiny_dir, data_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--output-dir", str(folder),
+            "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite refuses" in err and "thesis.tex" in err
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+def test_resume_and_overwrite_together(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "not allowed with argument --resume" in capsys.readouterr().err

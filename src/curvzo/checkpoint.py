@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,31 @@ from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write, write_text
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
 _RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size"}
+
+
+#: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
+RUN_ENTRIES = frozenset({
+    "config.yaml", "log.jsonl", "results.json", "scores.json", "trajectory.czt", "plots", "best", "error.txt",
+    "checkpoint", "checkpoint.tmp", "checkpoint.old",
+})
+
+
+def with_run_folder(cfg: TrainConfig, root: str | Path = "runs") -> TrainConfig:
+    """``cfg`` with an ``output_dir``: its own, else a new ``root/<task>-<method>-<YYYYmmdd-HHMMSS>``
+    (suffixed ``-2``, ``-3``, ... if a run started in the same second)."""
+    if cfg.output_dir is not None:
+        return cfg
+    task = cfg.task if isinstance(cfg.task, str) else str(cfg.task.get("name", "custom"))
+    base = Path(root) / f"{task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return replace(cfg, output_dir=str(path))
 
 
 class RunDir:
@@ -35,6 +58,24 @@ class RunDir:
         self.path = Path(path)
 
     # ------------------------------------------------------------------ setup
+    def check_unused(self, *, overwrite: bool) -> None:
+        """Refuse a folder that already holds files, unless ``overwrite`` and they are all a run's.
+
+        Called before any work, so a refused run leaves the old one untouched.
+        """
+        if not self.path.is_dir():
+            return
+        entries = sorted(p.name for p in self.path.iterdir())
+        if not entries:
+            return
+        if not overwrite:
+            raise ConfigError(f"{self.path} already holds a run: continue it with `curvzo train --resume {self.path}` "
+                              "or replace it with --overwrite")
+        foreign = [name for name in entries if name not in RUN_ENTRIES]
+        if foreign:
+            raise ConfigError(f"--overwrite refuses {self.path}: it holds files no run writes ({', '.join(foreign[:5])}); "
+                              "remove the folder yourself")
+
     def check_writable(self) -> None:
         """Fail before any work if the folder cannot be created or written; creates nothing."""
         existing = self.path
@@ -44,12 +85,16 @@ class RunDir:
             raise ConfigError(f"output folder {self.path} is not writable ({existing} is not a writable folder)")
 
     def prepare(self, cfg: TrainConfig, *, resume: bool) -> None:
-        """Create the folder (or check it belongs to ``cfg`` on resume) and write ``config.yaml``."""
+        """Create the folder (or check it belongs to ``cfg`` on resume) and write ``config.yaml``.
+
+        A new run starts from an empty folder: what :meth:`check_unused` let ``--overwrite``
+        replace is deleted here, so no file of the previous run survives into this one.
+        """
         if resume:
             self._check_same_config(cfg)
+        elif self.path.is_dir():
+            shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (self.path / "log.jsonl").unlink(missing_ok=True)
         write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def read_config(self) -> TrainConfig:

@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model on a task (no arguments: the embedded demo)")
     train.add_argument("--config", help="YAML file of TrainConfig keys")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    reuse = train.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    reuse.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir if there is one")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, (name, kind) in _FLAGS.items():
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .checkpoint import with_run_folder
     from .finetune import train
 
     _quiet_libraries()
@@ -96,8 +99,8 @@ def _train(args: argparse.Namespace) -> None:
         overrides["output_dir"] = args.resume
         cfg = load_config(args.config or config_file, overrides)
     else:
-        cfg = load_config(args.config, overrides)
-    results = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+        cfg = with_run_folder(load_config(args.config, overrides))
+    results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     metric = results["metric"]
     print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
           f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes, "

@@ -75,7 +75,11 @@ class TrainConfig:
         default=None,
         metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo only)"),
     )
-    output_dir: str = field(default="runs/default", metadata=_help("run folder (created)"))
+    output_dir: str | None = field(
+        default=None,
+        metadata=_help("run folder (default: a new runs/<task>-<method>-<YYYYmmdd-HHMMSS>); a folder that "
+                       "already holds a run needs --resume or --overwrite"),
+    )
 
     def __post_init__(self) -> None:
         problems = self.problems()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import scoring
-from .checkpoint import RunDir
+from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_splits
 from .errors import CheckpointError, ConfigError, TrainingDiverged
@@ -54,13 +55,25 @@ class TrainState:
     skipped_in_a_row: int = 0
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` on ``cfg.task``; returns (and writes) ``results.json``'s content."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.task``; returns (and writes) ``results.json``'s content.
+
+    Without ``cfg.output_dir`` the run gets a new folder; an existing folder that holds files is
+    refused unless ``resume`` (continue its run) or ``overwrite`` (replace it).
+    """
+    if resume and cfg.output_dir is None:
+        raise ConfigError("resume needs the run folder (`output_dir`)")
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
+    cfg = with_run_folder(cfg)
     run = RunDir(cfg.output_dir)
     run.check_writable()
+    if not resume:
+        run.check_unused(overwrite=overwrite)
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
     run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
+    _say(progress, f"run folder {run.path}")
     state = _restore(run, named, optimizer) if resume else TrainState()
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
 
@@ -134,6 +147,12 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- components
+def _say(progress: bool, text: str) -> None:
+    """A status line on stderr, beside the progress bars (which ``progress=False`` silences too)."""
+    if progress:
+        tqdm.write(text, file=sys.stderr)
+
+
 def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torch.nn.Module, Any, list]:
     """Task, rendered (train, dev, test) examples, model with its adapter, tokenizer, trainables."""
     task = resolve_task(cfg.task)
