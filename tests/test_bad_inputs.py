@@ -59,6 +59,8 @@ CASES = [
     ("lr-nan", lambda m, d, r: ["--lr", "nan"], "`lr` must be a finite number > 0"),
     ("eps-negative", lambda m, d, r: ["--eps=-1"], "`eps` must be a finite number > 0"),
     ("steps-zero", lambda m, d, r: ["--steps", "0"], "`steps` must be an integer >= 1"),
+    ("checkpoint-every-zero", lambda m, d, r: ["--checkpoint-every", "0"], "`checkpoint_every` must be an integer >= 1"),
+    ("checkpoint-minutes-negative", lambda m, d, r: ["--checkpoint-minutes=-1"], "`checkpoint_minutes` must be a finite number > 0"),
     ("steps-not-int", lambda m, d, r: ["--steps", "many"], "invalid int value: 'many'"),
     ("missing-model", lambda m, d, r: ["--model", str(m.parent / "absent")], "absent"),
     ("corrupt-model", lambda m, d, r: (_corrupt_weights(m), [])[1], "Cannot load model"),

@@ -27,7 +27,7 @@ from .io import atomic_write, write_text
 __all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
-_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size"}
+_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes"}
 
 
 #: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
@@ -144,12 +144,23 @@ class RunDir:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _checkpoint_folder(self) -> Path | None:
         for name in ("checkpoint", "checkpoint.old"):
             folder = self.path / name
             if (folder / "state.pt").exists() and (folder / "model.safetensors").exists():
-                return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
-        raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
+                return folder
+        return None
+
+    def checkpoint_step(self) -> int | None:
+        """The step of the last checkpoint, None when there is none."""
+        folder = self._checkpoint_folder()
+        return None if folder is None else int(torch.load(folder / "state.pt", weights_only=False)["train_state"]["step"])
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        folder = self._checkpoint_folder()
+        if folder is None:
+            raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
+        return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
 
     def save_best(self, weights: dict[str, torch.Tensor]) -> None:
         folder = self.path / "best"

@@ -39,6 +39,7 @@ _FLAGS = {
     "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
     "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
     "--device": ("device", str),
+    "--checkpoint-every": ("checkpoint_every", int), "--checkpoint-minutes": ("checkpoint_minutes", float),
 }
 
 
@@ -194,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CurvzoError as err:
         print(f"curvzo: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a run says how to resume), no traceback
+        print(f"curvzo: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `curvzo bench --dry-run | head`: the reader left early. Point stdout at /dev/null so that
         # the interpreter's final flush does not raise again, and exit like other CLI tools do.

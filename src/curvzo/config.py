@@ -54,7 +54,13 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=_help("training examples per step"))
     eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation forward"))
     seed: int = field(default=0, metadata=_help("seeds data sampling, batch order and the optimizer"))
-    eval_every: int = field(default=50, metadata=_help("steps between dev evaluations (and checkpoints)"))
+    eval_every: int = field(default=50, metadata=_help("steps between dev evaluations (each also writes a checkpoint)"))
+    checkpoint_every: int | None = field(
+        default=None, metadata=_help("steps between checkpoints, besides evaluations (default: by time only)"),
+    )
+    checkpoint_minutes: float = field(
+        default=3.0, metadata=_help("minutes of training after which a checkpoint is written: what a crash can lose at most"),
+    )
     num_train: int = field(default=1000, metadata=_help("training examples drawn (MeZO protocol)"))
     num_dev: int = field(default=200, metadata=_help("dev examples drawn from the train split"))
     num_test: int = field(default=500, metadata=_help("test examples drawn from the validation split"))
@@ -115,6 +121,10 @@ class TrainConfig:
                 out.append(f"`{name}` must be an integer >= 1, got {value!r}")
         if self.lr is not None and not _positive(self.lr):
             out.append(f"`lr` must be a finite number > 0, got {self.lr!r}")
+        if self.checkpoint_every is not None and not (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1):
+            out.append(f"`checkpoint_every` must be an integer >= 1 or null, got {self.checkpoint_every!r}")
+        if not _positive(self.checkpoint_minutes):
+            out.append(f"`checkpoint_minutes` must be a finite number > 0, got {self.checkpoint_minutes!r}")
         if not _positive(self.eps):
             out.append(f"`eps` must be a finite number > 0, got {self.eps!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -161,6 +171,10 @@ def _device_problems(device: Any) -> list[str]:
     return []
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _positive(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
@@ -182,7 +196,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for key in ("lr", "eps", "weight_decay"):  # YAML reads 1e-5 as a string
+    for key in ("lr", "eps", "weight_decay", "checkpoint_minutes"):  # YAML reads 1e-5 as a string
         if isinstance(values.get(key), str):
             values[key] = _number(key, values[key])
     return TrainConfig(**values)

@@ -15,6 +15,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from . import scoring
 from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_splits
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
+from .interrupt import StepGuard
 from .io import write_json
 from .models import apply_peft, load_model, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
@@ -76,53 +78,68 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     _say(progress, f"run folder {run.path}")
     state = _restore(run, named, optimizer) if resume else TrainState()
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
+    guard = StepGuard()
+    saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
 
-    def dev_metric() -> float:
-        return evaluate(model, tokenizer, task, dev_set, cfg)
+    def dev_metric(desc: str) -> float:
+        return evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
 
-    if state.zero_shot is None:
-        state.zero_shot = dev_metric()
-        state.best_dev = state.zero_shot
-        run.save_best(_weights(named))
-        _snapshot_scores(state, optimizer, named)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
-    bar.set_postfix(dev=f"{state.best_dev:.3f}")
-    clock = time.perf_counter()
-    while state.step < cfg.steps:
-        batch_examples = train_batch(train_set, state.step, cfg)
-        batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
-        active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
-        loss, info = take_step(optimizer, model, task, batch, cfg, active)
-        if trajectory is not None:
-            trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
-        _count_skips(state, loss, info, cfg)
-        state.step += 1
-        state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
-        state.wall_time_s += time.perf_counter() - clock
-        clock = time.perf_counter()
-        run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
-                 "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            _check_finite(named, state.step)
-            dev = dev_metric()
-            state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
+    def checkpoint() -> None:
+        nonlocal saved_step
+        state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
+        run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+        saved_step = state.step
+
+    try:
+        if state.zero_shot is None:
+            state.zero_shot = dev_metric("zero-shot dev")
+            state.best_dev = state.zero_shot
+            run.save_best(_weights(named))
             _snapshot_scores(state, optimizer, named)
-            if dev > state.best_dev:
-                state.best_dev, state.best_step = dev, state.step
-                run.save_best(_weights(named))
-            state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
-            run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+        bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
+        bar.set_postfix(dev=f"{state.best_dev:.3f}")
+        clock = last_save = time.perf_counter()
+        while state.step < cfg.steps:
+            with guard:  # Ctrl-C waits for the step to end: weights are mid-update inside it
+                batch_examples = train_batch(train_set, state.step, cfg)
+                batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
+                active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
+                loss, info = take_step(optimizer, model, task, batch, cfg, active)
+                if trajectory is not None:
+                    trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
+                state.step += 1
+                state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
+                state.wall_time_s += time.perf_counter() - clock
+                run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
+                         "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
+            _count_skips(state, loss, info, cfg)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
+            evaluate_now = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            if evaluate_now:
+                _check_finite(named, state.step)
+                dev = dev_metric("dev")
+                state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
+                _snapshot_scores(state, optimizer, named)
+                if dev > state.best_dev:
+                    run.save_best(_weights(named))
+                    state.best_dev, state.best_step = dev, state.step
+            if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
+                bar.set_postfix_str("saving checkpoint")
+                checkpoint()
+                last_save = time.perf_counter()
             clock = time.perf_counter()  # evaluation and saving are not training time
-    bar.close()
-    if trajectory is not None:
-        trajectory.close()
-    _load_weights(named, run.load_best())
+        bar.close()
+        if trajectory is not None:
+            trajectory.close()
+        _load_weights(named, run.load_best())
+        test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
+    except KeyboardInterrupt:
+        raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
         "metric": task.metric, "zero_shot": state.zero_shot, "best_dev": state.best_dev,
-        "best_step": state.best_step, "test": evaluate(model, tokenizer, task, test_set, cfg),
+        "best_step": state.best_step, "test": test,
         "steps": state.step, "forward_passes": state.forward_passes,
         "wall_time_s": round(state.wall_time_s, 2), "lr": cfg.resolved_lr(), "eps": cfg.eps,
         "seed": cfg.seed, "evals": state.evals,
@@ -132,8 +149,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         write_json(run.path / "scores.json", state.scores)
     from .plots import plot_run  # matplotlib is only needed once the run is done
 
+    _say(progress, "drawing plots")
     plot_run(run.path)
     return results
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, seconds_since_last: float) -> bool:
+    """Whether the schedule asks for a checkpoint now (evaluations write one as well)."""
+    by_steps = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+    return by_steps or seconds_since_last >= 60.0 * cfg.checkpoint_minutes
+
+
+def _interrupted(run: RunDir, state: TrainState, save: Callable[[], None] | None) -> RunInterrupted:
+    """Save what Ctrl-C left (unless the checkpoint is current or the step was torn) and say how to go on."""
+    if save is not None:
+        save()
+    saved = run.checkpoint_step()
+    where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint yet"
+    hint = f"; continue with `curvzo train --resume {run.path}`" if saved is not None else ""
+    return RunInterrupted(f"interrupted at step {state.step}: {where}{hint}")
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
@@ -259,9 +293,16 @@ def _active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples: list[Example], cfg: TrainConfig) -> float:
-    """Dev/test metric: accuracy for classification, mean F1 of greedy answers for generation."""
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples: list[Example], cfg: TrainConfig,
+    *, progress: str | None = None,
+) -> float:
+    """Dev/test metric: accuracy for classification, mean F1 of greedy answers for generation.
+
+    ``progress`` names a progress bar over the examples (None: silent).
+    """
     total = 0.0
+    bar = tqdm(total=len(examples), desc=progress, unit="ex", leave=False, disable=progress is None)
     for start in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[start : start + cfg.eval_batch_size]
         if task.output_type == "generate_until":
@@ -270,6 +311,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
         else:
             batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length).to(cfg.resolved_device())
             total += scoring.accuracy(model, batch) * len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     return total / len(examples)
 
 
@@ -280,7 +323,7 @@ def _count_skips(state: TrainState, loss: float, info: dict[str, Any], cfg: Trai
     if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         raise TrainingDiverged(
             f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
-            f"(step {state.step + 1}, lr {cfg.resolved_lr():g}); lower the learning rate"
+            f"(step {state.step}, lr {cfg.resolved_lr():g}); lower the learning rate"
         )
 
 
