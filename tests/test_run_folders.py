@@ -56,3 +56,16 @@ def test_an_empty_folder_is_used(tiny_dir, data_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     assert main(_argv(tiny_dir, data_dir, "--output-dir", str(run))) == 0
+
+
+def test_every_phase_shows_progress_and_the_summary_says_what_its_time_covers(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = [a for a in _argv(tiny_dir, data_dir, "--output-dir", str(run)) if a != "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    for phase in ("loading data", "zero-shot dev", "curvzo sst2", "saving checkpoint", "test", "drawing plots"):
+        assert phase in captured.err, phase
+    assert "training steps" in captured.out and "this command" in captured.out
+    assert main(["eval", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "loading data" in err and "dev" in err and "test" in err

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=name, type=kind, help=help_text)
     evaluate = sub.add_parser("eval", help="dev and test metric of a run's best weights")
     evaluate.add_argument("run_dir")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     plot = sub.add_parser("plot", help="re-draw figures from run folders")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", help="folder for a combined figure of several runs")
@@ -101,11 +103,13 @@ def _train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config or config_file, overrides)
     else:
         cfg = with_run_folder(load_config(args.config, overrides))
+    start = time.perf_counter()
     results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     metric = results["metric"]
     print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
-          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes, "
-          f"{results['wall_time_s']:.0f} s); run folder {cfg.output_dir}")
+          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes; "
+          f"training steps {results['wall_time_s']:.0f} s, this command {time.perf_counter() - start:.0f} s with "
+          f"loading, evaluation, saving and plots); run folder {cfg.output_dir}")
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +128,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .finetune import evaluate_run
 
     _quiet_libraries()
-    print(json.dumps(evaluate_run(args.run_dir), indent=2))
+    print(json.dumps(evaluate_run(args.run_dir, progress=not args.no_progress), indent=2))
 
 
 def _plot(args: argparse.Namespace) -> None:

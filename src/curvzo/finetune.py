@@ -72,6 +72,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     run.check_writable()
     if not resume:
         run.check_unused(overwrite=overwrite)
+    _say(progress, f"loading data and {cfg.model}")
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
     run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
@@ -122,6 +123,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
                 _snapshot_scores(state, optimizer, named)
                 if dev > state.best_dev:
+                    bar.set_postfix_str("saving best weights")
                     run.save_best(_weights(named))
                     state.best_dev, state.best_step = dev, state.step
             if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
@@ -170,14 +172,16 @@ def _interrupted(run: RunDir, state: TrainState, save: Callable[[], None] | None
     return RunInterrupted(f"interrupted at step {state.step}: {where}{hint}")
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
     """Dev and test metric of a run folder's best weights (``curvzo eval``)."""
     run = RunDir(run_dir)
     cfg = run.read_config()
+    _say(progress, f"loading data and {cfg.model}")
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
     _load_weights(named, run.load_best())
-    return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg),
-            "test": evaluate(model, tokenizer, task, test_set, cfg)}
+    bars = ("dev", "test") if progress else (None, None)
+    return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0]),
+            "test": evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1])}
 
 
 # ---------------------------------------------------------------------- components
