@@ -44,7 +44,7 @@ def test_each_method_writes_all_outputs(tiny_dir, data_dir, tmp_path, method):
 def test_lora_curvzo_trains_only_the_adapter(tiny_dir, data_dir, tmp_path):
     out = tmp_path / "lora"
     assert run_cli(tiny_dir, data_dir, out, "--peft", "lora") == 0
-    saved = load_file(str(out / "best" / "model.safetensors"))
+    saved = load_file(str(out / "best" / "adapter_model.safetensors"))
     assert saved and all("lora" in name for name in saved)
 
 

@@ -24,6 +24,6 @@ def test_smollm2_lora_curvzo_on_sst2(data_dir, tmp_path):
     assert 0.0 <= results["zero_shot"] <= 1.0 and 0.0 <= results["test"] <= 1.0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(not r["skipped"] for r in log)
-    adapter = load_file(str(out / "best" / "model.safetensors"))
+    adapter = load_file(str(out / "best" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in name for name in adapter)
     assert {"loss.png", "dev.png", "budget.png", "scores.png"} <= {p.name for p in (out / "plots").iterdir()}

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write, write_text
+from .io import write_text
 
 __all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
@@ -161,12 +161,3 @@ class RunDir:
         if folder is None:
             raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
         return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
-
-    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
-        folder = self.path / "best"
-        folder.mkdir(exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in weights.items()}
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-
-    def load_best(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "best" / "model.safetensors"))

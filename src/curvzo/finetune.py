@@ -30,7 +30,7 @@ from .data import load_splits
 from .errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 from .interrupt import StepGuard
 from .io import write_json
-from .models import apply_peft, load_model, save_trainable, trainable_named_parameters
+from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, TrajectoryWriter, fingerprint, read_trajectory
@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         if state.zero_shot is None:
             state.zero_shot = dev_metric("zero-shot dev")
             state.best_dev = state.zero_shot
-            run.save_best(_weights(named))
+            _save_best(run, model, tokenizer)
             _snapshot_scores(state, optimizer, named)
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
         bar.set_postfix(dev=f"{state.best_dev:.3f}")
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 _snapshot_scores(state, optimizer, named)
                 if dev > state.best_dev:
                     bar.set_postfix_str("saving best weights")
-                    run.save_best(_weights(named))
+                    _save_best(run, model, tokenizer)
                     state.best_dev, state.best_step = dev, state.step
             if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
                 bar.set_postfix_str("saving checkpoint")
@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         bar.close()
         if trajectory is not None:
             trajectory.close()
-        _load_weights(named, run.load_best())
+        load_trainable(model, run.path / BEST)
         test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
     except KeyboardInterrupt:
         raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
@@ -178,7 +178,7 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, An
     cfg = run.read_config()
     _say(progress, f"loading data and {cfg.model}")
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
-    _load_weights(named, run.load_best())
+    load_trainable(model, run.path / BEST)
     bars = ("dev", "test") if progress else (None, None)
     return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0]),
             "test": evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1])}
@@ -363,7 +363,7 @@ def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list
     """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
     header, records = read_trajectory(trajectory)
     cfg = TrainConfig(**{**header["config"], "model": base_model})
-    model, _ = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     named = trainable_named_parameters(model)
     if fingerprint(named) != header["fingerprint"]:
@@ -375,11 +375,19 @@ def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list
                 group["lr"], group["weight_decay"] = lr, wd
         else:
             optimizer.replay(record.grad, active=record.active)
-    save_trainable(model, out_dir)
+    save_trainable(model, out_dir, tokenizer)
     return named
 
 
 # ---------------------------------------------------------------------- state helpers
+#: Folder of a run's best-dev weights: a ``save_pretrained`` folder (a PEFT adapter folder for adapters).
+BEST = "best"
+
+
+def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
+    save_trainable(model, run.path / BEST, tokenizer)
+
+
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """A CPU copy: what safetensors files hold, whatever device the run uses."""
     return {name: p.detach().to("cpu", copy=True) for name, p in named}

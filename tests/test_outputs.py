@@ -1,0 +1,65 @@
+"""Run outputs are Hugging Face folders: ``from_pretrained`` and ``PeftModel.from_pretrained`` load them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from curvzo.cli import main
+
+
+def _train(tiny_dir: Path, data_dir: Path, out: Path, *extra: str) -> dict:
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
+            "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "2", "--eval-every", "2",
+            "--lr", "1e-2", "--output-dir", str(out), "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def _expected(results: dict, start: dict[str, torch.Tensor], run: Path) -> dict[str, torch.Tensor]:
+    """Best weights: the start's when no evaluation beat zero-shot, else the last checkpoint's (one evaluation)."""
+    return start if results["best_step"] == 0 else load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def _same(model: torch.nn.Module, expected: dict[str, torch.Tensor], rename=lambda name: name) -> None:
+    params = dict(model.named_parameters())
+    assert expected and all(torch.equal(params[rename(k)], v) for k, v in expected.items())
+
+
+def test_best_is_a_pretrained_folder(tiny_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    results = _train(tiny_dir, data_dir, run, "--method", "mezo")
+    best = run / "best"
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in best.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(best)
+    AutoTokenizer.from_pretrained(best)
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_dir).named_parameters())
+    _same(model, _expected(results, {k: v.detach() for k, v in start.items()}, run))
+
+
+@pytest.mark.parametrize("peft", ["lora", "prefix"])
+def test_adapter_runs_save_a_peft_adapter_folder(tiny_dir, data_dir, tmp_path, peft):
+    run = tmp_path / "run"
+    _train(tiny_dir, data_dir, run, "--method", "mezo", "--peft", peft)
+    assert (run / "best" / "adapter_config.json").exists() and (run / "best" / "tokenizer.json").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), run / "best")
+    trained = load_file(str(run / "checkpoint" / "model.safetensors"))
+    loaded = {k: v for k, v in model.named_parameters() if "lora_" in k or "prompt_encoder" in k}
+    assert loaded.keys() == trained.keys()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_replay_writes_a_pretrained_folder(tiny_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(tiny_dir, data_dir, run, "--method", "curvzo")
+    assert main(["replay", str(tiny_dir), str(run / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt")
+    AutoTokenizer.from_pretrained(tmp_path / "rebuilt")
+    _same(model, load_file(str(run / "checkpoint" / "model.safetensors")))
