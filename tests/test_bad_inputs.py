@@ -61,6 +61,7 @@ CASES = [
     ("steps-zero", lambda m, d, r: ["--steps", "0"], "`steps` must be an integer >= 1"),
     ("checkpoint-every-zero", lambda m, d, r: ["--checkpoint-every", "0"], "`checkpoint_every` must be an integer >= 1"),
     ("checkpoint-minutes-negative", lambda m, d, r: ["--checkpoint-minutes=-1"], "`checkpoint_minutes` must be a finite number > 0"),
+    ("keep-trajectory-first-order", lambda m, d, r: ["--keep", "trajectory", "--method", "adamw"], "`keep: trajectory` needs a ZO method"),
     ("steps-not-int", lambda m, d, r: ["--steps", "many"], "invalid int value: 'many'"),
     ("missing-model", lambda m, d, r: ["--model", str(m.parent / "absent")], "absent"),
     ("corrupt-model", lambda m, d, r: (_corrupt_weights(m), [])[1], "Cannot load model"),
@@ -166,3 +167,18 @@ def test_overwrite_of_a_folder_that_is_no_run(tiny_dir, data_dir, tmp_path, caps
 def test_resume_and_overwrite_together(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
     assert "not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_export_of_a_step_the_run_never_reached(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_ok(tiny_dir, data_dir, run)
+    capsys.readouterr()
+    assert main(["export", str(run), "--step", "99", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--step must be best, last or a step number from 0 to 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from tiny import tiny_model, tokenizer
 def run_cli(tiny_dir: Path, data_dir: Path, out: Path, *extra: str) -> int:
     argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir),
             "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4",
-            "--steps", "2", "--eval-every", "1", "--output-dir", str(out), "--no-progress", *extra]
+            "--steps", "2", "--eval-every", "1", "--output-dir", str(out), "--no-progress", "--keep", "weights", *extra]
     return main(argv)
 
 

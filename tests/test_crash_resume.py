@@ -24,7 +24,7 @@ STEPS = 8
 def _argv(tiny_dir: Path, data_dir: Path, out: Path, *schedule: str) -> list[str]:
     return ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
             "--num-dev", "4", "--num-test", "4", "--batch-size", "4", "--steps", str(STEPS), "--lr", "1e-3",
-            "--output-dir", str(out), "--no-progress", *(schedule or ("--eval-every", "1"))]
+            "--output-dir", str(out), "--no-progress", "--keep", "weights", *(schedule or ("--eval-every", "1"))]
 
 
 def _start(argv: list[str]) -> subprocess.Popen:

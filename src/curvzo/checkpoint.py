@@ -27,7 +27,8 @@ from .io import write_text
 __all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
-_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes"}
+_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes",
+                          "keep"}
 
 
 #: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
@@ -147,7 +148,7 @@ class RunDir:
     def _checkpoint_folder(self) -> Path | None:
         for name in ("checkpoint", "checkpoint.old"):
             folder = self.path / name
-            if (folder / "state.pt").exists() and (folder / "model.safetensors").exists():
+            if (folder / "state.pt").exists():  # both are complete: a save renames a finished folder in
                 return folder
         return None
 
@@ -156,8 +157,31 @@ class RunDir:
         folder = self._checkpoint_folder()
         return None if folder is None else int(torch.load(folder / "state.pt", weights_only=False)["train_state"]["step"])
 
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Weights (None when the run kept only its trajectory: see :meth:`drop_weights`) and state."""
         folder = self._checkpoint_folder()
         if folder is None:
             raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
-        return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
+        weights_file = folder / "model.safetensors"
+        weights = load_file(str(weights_file)) if weights_file.exists() else None
+        return weights, torch.load(folder / "state.pt", weights_only=False)
+
+    def train_state(self) -> dict[str, Any]:
+        """Counters of the run so far (``step``, ``best_step``, ...): the checkpoint's, else results.json's."""
+        folder = self._checkpoint_folder()
+        if folder is not None:
+            return torch.load(folder / "state.pt", weights_only=False)["train_state"]
+        results = self.path / "results.json"
+        if results.exists():
+            data = json.loads(results.read_text())
+            return {"step": data["steps"], "best_step": data["best_step"]}
+        raise CheckpointError(f"{self.path} holds neither a checkpoint nor results")
+
+    def drop_weights(self) -> None:
+        """Delete the weight copies (best/, the checkpoint's weights); the checkpoint's state.pt stays.
+
+        What remains (trajectory, state, logs) rebuilds any step's weights from the base model.
+        """
+        for name in ("best", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        (self.path / "checkpoint" / "model.safetensors").unlink(missing_ok=True)

@@ -8,6 +8,7 @@
     curvzo models list | curvzo models fetch smollm2-135m
     curvzo tasks
     curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
+    curvzo export runs/default --step best --out best-model               # a run's weights at a step
     curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
@@ -40,7 +41,7 @@ _FLAGS = {
     "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
     "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
     "--device": ("device", str),
-    "--checkpoint-every": ("checkpoint_every", int), "--checkpoint-minutes": ("checkpoint_minutes", float),
+    "--keep": ("keep", str), "--checkpoint-every": ("checkpoint_every", int), "--checkpoint-minutes": ("checkpoint_minutes", float),
 }
 
 
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("base_model", help="alias, hub id or local folder the run started from")
     rebuild.add_argument("trajectory", help="a run's trajectory.czt")
     rebuild.add_argument("--out", required=True, help="folder for the rebuilt model (or adapter)")
+    export = sub.add_parser("export", help="write a run's weights at a step as a Hugging Face folder (rebuilt from its trajectory)")
+    export.add_argument("run_dir")
+    export.add_argument("--step", default="best", help="best | last | a step number (default: %(default)s)")
+    export.add_argument("--out", required=True, help="folder for the model (or adapter) and tokenizer")
     bench = sub.add_parser("bench", help="run (resumably) and aggregate an accuracy grid")
     bench.add_argument("--grid", default="benchmarks/grids/cpu.yaml", help="grid YAML (default: %(default)s)")
     bench.add_argument("--profile", help="profile of the grid: quick | cpu | paper (default: the grid's)")
@@ -169,6 +174,13 @@ def _replay(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .finetune import export
+
+    _quiet_libraries()
+    print(export(args.run_dir, args.step, args.out))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import load_grid, parse_only, run_bench
 
@@ -181,7 +193,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay,
-             "bench": _bench}
+             "export": _export, "bench": _bench}
 
 
 def _quiet_libraries() -> None:

@@ -27,6 +27,7 @@ PEFT_MODES = ("none", "lora", "prefix")
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
 ROUNDINGS = ("master", "stochastic", "nearest")
+KEEPS = ("auto", "weights", "trajectory")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -76,6 +77,12 @@ class TrainConfig:
         default="auto",
         metadata=_help("auto (cuda when available) | cpu | cuda | cuda:N; replay on the same device type (noise streams differ)"),
     )
+    keep: str = field(
+        default="auto",
+        metadata=_help("what a finished run keeps: weights (best/ and the last checkpoint's weights) | trajectory "
+                       "(the trajectory and optimizer state; weights rebuilt on demand by `curvzo export`, eval "
+                       "and resume) | auto (trajectory for ZO methods, weights for first-order ones)"),
+    )
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(
         default=None,
@@ -103,6 +110,12 @@ class TrainConfig:
         full, adapter = DEFAULT_LR["zo" if self.is_zo else self.method]
         return full if self.peft == "none" else adapter
 
+    def resolved_keep(self) -> str:
+        """``weights`` or ``trajectory``: ``auto`` keeps a trajectory where there is one (ZO runs)."""
+        if self.keep == "auto":
+            return "trajectory" if self.is_zo else "weights"
+        return self.keep
+
     def resolved_device(self) -> torch.device:
         """Where the model and batches live: ``auto`` is the first GPU when there is one."""
         if self.device == "auto":
@@ -112,7 +125,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS), ("keep", KEEPS)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
@@ -133,6 +146,8 @@ class TrainConfig:
             out.append(f"`seed` must be an integer, got {self.seed!r}")
         if self.objective != "loss" and self.method in FO_METHODS:
             out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
+        if self.keep == "trajectory" and self.method in FO_METHODS:
+            out.append(f"`keep: trajectory` needs a ZO method: {self.method} records no trajectory (use keep: weights)")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
         out += _device_problems(self.device)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ from .io import write_json
 from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .tasks import Example, TaskConfig, get_task, task_from_dict
-from .trajectory import Hyper, TrajectoryWriter, fingerprint, read_trajectory
+from .trajectory import Hyper, Step, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "replay", "setup", "TrainState"]
+__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState"]
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         bar.close()
         if trajectory is not None:
             trajectory.close()
-        load_trainable(model, run.path / BEST)
+        _load_best(run, model, named, state.best_step)
         test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
     except KeyboardInterrupt:
         raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
@@ -153,6 +154,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     _say(progress, "drawing plots")
     plot_run(run.path)
+    if cfg.resolved_keep() == "trajectory":
+        run.drop_weights()
     return results
 
 
@@ -178,7 +181,7 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, An
     cfg = run.read_config()
     _say(progress, f"loading data and {cfg.model}")
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
-    load_trainable(model, run.path / BEST)
+    _load_best(run, model, named, run.train_state()["best_step"])
     bars = ("dev", "test") if progress else (None, None)
     return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0]),
             "test": evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1])}
@@ -359,24 +362,70 @@ def _open_trajectory(
     return TrajectoryWriter(run.path / TRAJECTORY_FILE, header)
 
 
-def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
-    """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
+def rebuild(
+    trajectory: str | Path, *, base_model: str | None = None, steps: int | None = None
+) -> tuple[torch.nn.Module, Any, list[tuple[str, torch.nn.Parameter]]]:
+    """Model (with its tokenizer and trainables) after the first ``steps`` steps of a trajectory (all: None).
+
+    The base model is the run's own unless ``base_model`` names another copy of it; other base
+    weights are refused, since replaying on them would build a model no run produced.
+    """
     header, records = read_trajectory(trajectory)
-    cfg = TrainConfig(**{**header["config"], "model": base_model})
+    cfg = TrainConfig(**{**header["config"], **({"model": base_model} if base_model else {})})
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     named = trainable_named_parameters(model)
     if fingerprint(named) != header["fingerprint"]:
-        raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {base_model}")
-    optimizer = build_training_optimizer(cfg, model, named)
+        raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {cfg.model}")
+    done = _replay_records(build_training_optimizer(cfg, model, named), records, steps)
+    if steps is not None and done < steps:
+        raise CheckpointError(f"trajectory {trajectory} holds {done} steps, not {steps}")
+    return model, tokenizer, named
+
+
+def _replay_records(optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper], steps: int | None) -> int:
+    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many."""
+    done = 0
     for record in records:
         if isinstance(record, Hyper):
             for group, lr, wd in zip(optimizer.param_groups, record.lr, record.weight_decay):
                 group["lr"], group["weight_decay"] = lr, wd
+        elif steps is not None and done == steps:
+            break
         else:
             optimizer.replay(record.grad, active=record.active)
+            done += 1
+    return done
+
+
+def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
+    """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
+    model, tokenizer, named = rebuild(trajectory, base_model=base_model)
     save_trainable(model, out_dir, tokenizer)
     return named
+
+
+def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
+    """Write a run's weights at ``step`` (``best``, ``last`` or a step number) as a Hugging Face folder.
+
+    ZO runs are rebuilt from their trajectory, whatever they kept; first-order runs have no
+    trajectory and export the ``best/`` folder they keep.
+    """
+    run = RunDir(run_dir)
+    run.read_config()  # a clear error for a folder that is not a run
+    if isinstance(step, str) and step.isdigit():
+        step = int(step)
+    counters = run.train_state()
+    number = {"best": counters["best_step"], "last": counters["step"]}.get(step, step)
+    if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= counters["step"]:
+        raise ConfigError(f"--step must be best, last or a step number from 0 to {counters['step']}, got {step!r}")
+    if not (run.path / TRAJECTORY_FILE).exists():
+        if step != "best" or not (run.path / BEST).is_dir():
+            raise CheckpointError(f"{run.path} has no trajectory to rebuild step {step} from (a first-order run keeps only best/)")
+        shutil.copytree(run.path / BEST, out_dir)
+        return Path(out_dir)
+    model, tokenizer, _ = rebuild(run.path / TRAJECTORY_FILE, steps=number)
+    return save_trainable(model, out_dir, tokenizer)
 
 
 # ---------------------------------------------------------------------- state helpers
@@ -386,6 +435,15 @@ BEST = "best"
 
 def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
     save_trainable(model, run.path / BEST, tokenizer)
+
+
+def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int) -> None:
+    """Put the best-dev weights into ``model``: from best/, or rebuilt from the trajectory when not kept."""
+    if (run.path / BEST).is_dir():
+        load_trainable(model, run.path / BEST)
+        return
+    _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
+    _load_weights(named, {name: p.detach() for name, p in rebuilt})
 
 
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
@@ -405,9 +463,15 @@ def _checkpoint_state(state: TrainState, optimizer: torch.optim.Optimizer) -> di
 
 def _restore(run: RunDir, named: list, optimizer: torch.optim.Optimizer) -> TrainState:
     weights, saved = run.load_checkpoint()
-    _load_weights(named, weights)
-    optimizer.load_state_dict(saved["optimizer"])
     state = TrainState(**saved["train_state"])
+    if weights is None:  # the run kept its trajectory, not its weights: replay it from the start weights
+        header, records = read_trajectory(run.path / TRAJECTORY_FILE, end=state.trajectory_bytes)
+        if fingerprint(named) != header["fingerprint"]:
+            raise CheckpointError(f"cannot resume {run.path}: its trajectory was recorded on other base weights")
+        _replay_records(optimizer, records, state.step)
+    else:
+        _load_weights(named, weights)
+    optimizer.load_state_dict(saved["optimizer"])
     run.truncate_log(state.step)
     return state
 
