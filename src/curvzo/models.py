@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, ModelError
+from curvzo.hub import hub_unreachable
 
 __all__ = [
     "MODEL_ALIASES",
@@ -273,6 +274,11 @@ def resolve_model(
         return str(path)
     if _looks_like_path(name):
         raise ModelError(f"Model folder {str(path)!r} does not exist")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelError(f"Model {name!r} is neither a local folder nor a built-in alias ({_alias_suggestion(name)}) "
+                         f"and needs the Hugging Face hub, but {unreachable}; set HF_HUB_OFFLINE=1 to read the "
+                         "hub's local cache")
     return name
 
 
