@@ -28,7 +28,7 @@ __all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
 _RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes",
-                          "keep"}
+                          "keep", "divergence_factor", "divergence_patience", "on_divergence"}
 
 
 #: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
@@ -156,6 +156,10 @@ class RunDir:
         """The step of the last checkpoint, None when there is none."""
         folder = self._checkpoint_folder()
         return None if folder is None else int(torch.load(folder / "state.pt", weights_only=False)["train_state"]["step"])
+
+    def checkpoint_has_weights(self) -> bool:
+        folder = self._checkpoint_folder()
+        return folder is not None and (folder / "model.safetensors").exists()
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """Weights (None when the run kept only its trajectory: see :meth:`drop_weights`) and state."""

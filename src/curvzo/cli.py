@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS, TrainConfig, load_config, parse_overrides
-from .errors import ConfigError, CurvzoError
+from .errors import ConfigError, CurvzoError, TrainingDiverged
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ _FLAGS = {
     "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
     "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
     "--device": ("device", str),
-    "--keep": ("keep", str), "--checkpoint-every": ("checkpoint_every", int), "--checkpoint-minutes": ("checkpoint_minutes", float),
+    "--keep": ("keep", str), "--on-divergence": ("on_divergence", str), "--checkpoint-every": ("checkpoint_every", int), "--checkpoint-minutes": ("checkpoint_minutes", float),
 }
 
 
@@ -110,6 +110,8 @@ def _train(args: argparse.Namespace) -> None:
         cfg = with_run_folder(load_config(args.config, overrides))
     start = time.perf_counter()
     results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    if "diverged" in results:
+        raise TrainingDiverged(results["diverged"])
     metric = results["metric"]
     print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
           f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes; "

@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
 ROUNDINGS = ("master", "stochastic", "nearest")
 KEEPS = ("auto", "weights", "trajectory")
+ON_DIVERGENCE = ("stop", "rollback")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -77,6 +78,17 @@ class TrainConfig:
         default="auto",
         metadata=_help("auto (cuda when available) | cpu | cuda | cuda:N; replay on the same device type (noise streams differ)"),
     )
+    divergence_factor: float | None = field(
+        default=3.0,
+        metadata=_help("the run has diverged when its smoothed training loss stays above this multiple of its "
+                       "start (mean of the first 10 steps) for divergence_patience steps (null: never)"),
+    )
+    divergence_patience: int = field(default=10, metadata=_help("steps the smoothed loss must stay that high"))
+    on_divergence: str = field(
+        default="stop",
+        metadata=_help("stop (results from the best weights so far) | rollback (back to the last checkpoint with "
+                       "half the lr, at most 3 times, then stop)"),
+    )
     keep: str = field(
         default="auto",
         metadata=_help("what a finished run keeps: weights (best/ and the last checkpoint's weights) | trajectory "
@@ -125,7 +137,8 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS), ("keep", KEEPS)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS), ("keep", KEEPS),
+                              ("on_divergence", ON_DIVERGENCE)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
@@ -136,6 +149,10 @@ class TrainConfig:
             out.append(f"`lr` must be a finite number > 0, got {self.lr!r}")
         if self.checkpoint_every is not None and not (_is_int(self.checkpoint_every) and self.checkpoint_every >= 1):
             out.append(f"`checkpoint_every` must be an integer >= 1 or null, got {self.checkpoint_every!r}")
+        if self.divergence_factor is not None and not (_positive(self.divergence_factor) and self.divergence_factor > 1):
+            out.append(f"`divergence_factor` must be a number > 1 or null, got {self.divergence_factor!r}")
+        if not (_is_int(self.divergence_patience) and self.divergence_patience >= 1):
+            out.append(f"`divergence_patience` must be an integer >= 1, got {self.divergence_patience!r}")
         if not _positive(self.checkpoint_minutes):
             out.append(f"`checkpoint_minutes` must be a finite number > 0, got {self.checkpoint_minutes!r}")
         if not _positive(self.eps):
@@ -211,7 +228,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for key in ("lr", "eps", "weight_decay", "checkpoint_minutes"):  # YAML reads 1e-5 as a string
+    for key in ("lr", "eps", "weight_decay", "checkpoint_minutes", "divergence_factor"):  # YAML reads 1e-5 as a string
         if isinstance(values.get(key), str):
             values[key] = _number(key, values[key])
     return TrainConfig(**values)

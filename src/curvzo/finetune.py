@@ -28,7 +28,8 @@ from . import scoring
 from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_splits
-from .errors import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
+from .errors import CheckpointError, ConfigError, RunInterrupted
+from .divergence import DivergenceGuard, lower_lr
 from .interrupt import StepGuard
 from .io import write_json
 from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
@@ -40,6 +41,8 @@ __all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
+#: Roll-backs (``on_divergence: rollback``) after which a diverging run stops.
+MAX_ROLLBACKS = 3
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainState:
     scores: list[dict[str, Any]] = field(default_factory=list)
     trajectory_bytes: int = 0
     skipped_in_a_row: int = 0
+    divergence: dict[str, Any] = field(default_factory=dict)  # DivergenceGuard.state_dict()
+    rollbacks: int = 0
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -82,12 +87,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
     guard = StepGuard()
     saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
+    monitor = _divergence_guard(cfg, state)
+    stopped: str | None = None  # why the run stopped early
 
     def dev_metric(desc: str) -> float:
         return evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
 
     def checkpoint() -> None:
         nonlocal saved_step
+        state.divergence = monitor.state_dict() if monitor is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
         run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
         saved_step = state.step
@@ -98,6 +106,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             state.best_dev = state.zero_shot
             _save_best(run, model, tokenizer)
             _snapshot_scores(state, optimizer, named)
+        if cfg.on_divergence == "rollback" and saved_step is None:
+            checkpoint()  # something to roll back to before the first evaluation
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
         bar.set_postfix(dev=f"{state.best_dev:.3f}")
         clock = last_save = time.perf_counter()
@@ -114,12 +124,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 state.wall_time_s += time.perf_counter() - clock
                 run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
                          "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
-            _count_skips(state, loss, info, cfg)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
             evaluate_now = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            diverged = _divergence(state, monitor, loss, info) or (evaluate_now and _nonfinite_weights(named))
+            if diverged and _can_roll_back(cfg, run, state):
+                at = state.step
+                state, trajectory = _roll_back(run, named, optimizer, trajectory, state.rollbacks + 1)
+                monitor, saved_step = _divergence_guard(cfg, state), state.step
+                _say(progress, f"step {at}: {diverged}; rolled back to step {state.step} with lr "
+                               f"{optimizer.param_groups[0]['lr']:g}")
+                bar.reset(total=cfg.steps)
+                bar.update(state.step)
+                clock = last_save = time.perf_counter()
+                continue
+            if diverged:
+                stopped = _stop_message(state, diverged, task.metric, optimizer.param_groups[0]["lr"])
+                break
             if evaluate_now:
-                _check_finite(named, state.step)
                 dev = dev_metric("dev")
                 state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
                 _snapshot_scores(state, optimizer, named)
@@ -133,6 +155,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 last_save = time.perf_counter()
             clock = time.perf_counter()  # evaluation and saving are not training time
         bar.close()
+        saved_step = state.step  # from here on the weights are not the step's: Ctrl-C saves nothing more
         if trajectory is not None:
             trajectory.close()
         _load_best(run, model, named, state.best_step)
@@ -141,11 +164,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
-        "metric": task.metric, "zero_shot": state.zero_shot, "best_dev": state.best_dev,
-        "best_step": state.best_step, "test": test,
+        "metric": task.metric, "zero_shot": _round(state.zero_shot), "best_dev": _round(state.best_dev),
+        "best_step": state.best_step, "test": _round(test),
         "steps": state.step, "forward_passes": state.forward_passes,
         "wall_time_s": round(state.wall_time_s, 2), "lr": cfg.resolved_lr(), "eps": cfg.eps,
-        "seed": cfg.seed, "evals": state.evals,
+        "seed": cfg.seed, "evals": [{**e, "dev": _round(e["dev"])} for e in state.evals],
+        "rollbacks": state.rollbacks, "final_lr": float(optimizer.param_groups[0]["lr"]),
+        **({"diverged": stopped} if stopped else {}),
     }
     write_json(run.path / "results.json", results)
     if state.scores:
@@ -323,22 +348,66 @@ def evaluate(
     return total / len(examples)
 
 
-def _count_skips(state: TrainState, loss: float, info: dict[str, Any], cfg: TrainConfig) -> None:
-    """Single non-finite steps are skipped by the optimizer; a run of them means divergence."""
+def _round(metric: float) -> float:
+    """Metrics to 6 decimals: float32 means carry noise (0.6300000009536744) that no reader needs."""
+    return round(metric, 6)
+
+
+def _divergence_guard(cfg: TrainConfig, state: TrainState) -> DivergenceGuard | None:
+    """The run's guard, continued from the state a checkpoint saved (None: the guard is off)."""
+    if cfg.divergence_factor is None:
+        return None
+    return DivergenceGuard(**state.divergence) if state.divergence else DivergenceGuard(
+        factor=cfg.divergence_factor, patience=cfg.divergence_patience)
+
+
+def _divergence(state: TrainState, monitor: DivergenceGuard | None, loss: float, info: dict[str, Any]) -> str | None:
+    """Why the run has diverged, if it has: a run of skipped (non-finite) steps or the loss guard."""
     bad = info.get("skipped", False) or not math.isfinite(loss)
     state.skipped_in_a_row = state.skipped_in_a_row + 1 if bad else 0
     if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-        raise TrainingDiverged(
-            f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
-            f"(step {state.step}, lr {cfg.resolved_lr():g}); lower the learning rate"
-        )
+        return f"{state.skipped_in_a_row} steps in a row had non-finite losses"
+    if monitor is not None and monitor.update(loss):
+        return monitor.describe()
+    return None
 
 
-def _check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
-    """Stop rather than evaluate (and checkpoint) weights that overflowed."""
+def _nonfinite_weights(named: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """Weights that overflowed are not evaluated (nor checkpointed)."""
     for name, p in named:
         if not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(f"training diverged: `{name}` has non-finite values at step {step}; lower the learning rate")
+            return f"`{name}` has non-finite values"
+    return None
+
+
+def _stop_message(state: TrainState, reason: str, metric: str, lr: float) -> str:
+    return (f"training diverged at step {state.step} ({reason}) and stopped early; results.json scores the best "
+            f"weights so far (step {state.best_step}, dev {metric} {state.best_dev:.4f}); try --lr {lower_lr(lr):g} "
+            "or `curvzo lr-find`")
+
+
+def _can_roll_back(cfg: TrainConfig, run: RunDir, state: TrainState) -> bool:
+    return cfg.on_divergence == "rollback" and state.rollbacks < MAX_ROLLBACKS and run.checkpoint_has_weights()
+
+
+def _roll_back(
+    run: RunDir, named: list, optimizer: torch.optim.Optimizer, trajectory: TrajectoryWriter | None, rollbacks: int
+) -> tuple[TrainState, TrajectoryWriter | None]:
+    """Back to the last checkpoint with half the current learning rate; the log and trajectory are cut back to it."""
+    halved = [group["lr"] / 2 for group in optimizer.param_groups]  # the checkpoint's may predate a roll-back
+    weights, saved = run.load_checkpoint()
+    _load_weights(named, weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, lr in zip(optimizer.param_groups, halved):
+        group["lr"] = lr
+    state = TrainState(**saved["train_state"])
+    state.rollbacks = rollbacks
+    run.truncate_log(state.step)
+    run.log({"step": state.step, "event": "rollback", "lr": optimizer.param_groups[0]["lr"]})
+    if trajectory is not None:
+        trajectory.close()
+        trajectory = TrajectoryWriter(trajectory.path, {}, resume_at=state.trajectory_bytes)
+    return state, trajectory
 
 
 # ---------------------------------------------------------------------- trajectories
