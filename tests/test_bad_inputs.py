@@ -72,7 +72,7 @@ CASES = [
     ("empty-split", lambda m, d, r: ((d / "sst2/validation.jsonl").write_text(""), [])[1], "empty"),
     ("context-too-long", lambda m, d, r: ["--max-length", "4096"], "exceeds the model's context of 128"),
     ("unwritable-output", lambda m, d, r: ((r.parent / "file").write_text(""), ["--output-dir", str(r.parent / "file" / "x")])[1], "not writable"),
-    ("bad-config-yaml", lambda m, d, r: ((r.parent / "c.yaml").write_text("steps: [1,"), ["--config", str(r.parent / "c.yaml")])[1], "not valid YAML"),
+    ("bad-config-yaml", lambda m, d, r: ((r.parent / "c.yaml").write_text("steps: [1,"), ["--config", str(r.parent / "c.yaml")])[1], "not valid YAML (line 1, column "),
     ("missing-config", lambda m, d, r: ["--config", str(r.parent / "nope.yaml")], "config file not found"),
     ("unknown-device", lambda m, d, r: ["--device", "tpu"], "`device` must be auto, cpu, cuda or cuda:N"),
     ("absent-gpu", lambda m, d, r: ["--device", "cuda:99"], "is not available on this machine"),

@@ -39,6 +39,9 @@ def test_each_method_writes_all_outputs(tiny_dir, data_dir, tmp_path, method):
     if method.startswith("curvzo") or method == "uniform-sparse":
         assert {"budget.png", "scores.png"} <= plots
         assert {"grad", "budget", "blocks", "skipped"} <= set(log[0])
+    else:  # dense and first-order methods have no budget to draw
+        assert "budget.png" not in plots
+    assert all(round(results[k], 6) == results[k] for k in ("zero_shot", "best_dev", "test"))
 
 
 def test_lora_curvzo_trains_only_the_adapter(tiny_dir, data_dir, tmp_path):
@@ -187,3 +190,17 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and "Traceback" not in err and err == ""
+
+
+def test_version_and_a_help_that_needs_no_torch(capsys):
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"curvzo {version('curvzo')}\n"
+    script = ("import sys\nfrom curvzo.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "--overwrite" in out and out.splitlines()[-1] == "[]"

@@ -9,6 +9,7 @@
     curvzo tasks
     curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
     curvzo export runs/default --step best --out best-model               # a run's weights at a step
+    curvzo lr-find --task sst2 --method mezo   # short lr range test: the largest stable lr and a suggestion
     curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
@@ -50,8 +51,18 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("curvzo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="curvzo", description="Zeroth-order fine-tuning of Hugging Face language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model on a task (no arguments: the embedded demo)")
     train.add_argument("--config", help="YAML file of TrainConfig keys")
@@ -63,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (name, kind) in _FLAGS.items():
         help_text = f"one of {', '.join(METHODS)}" if name == "method" else None
         train.add_argument(flag, dest=name, type=kind, help=help_text)
+    _add_lr_find(sub)
     evaluate = sub.add_parser("eval", help="dev and test metric of a run's best weights")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,6 +103,37 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--aggregate-only", action="store_true", help="only rewrite tables and figures")
     bench.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
     return parser
+
+
+def _add_lr_find(sub: Any) -> None:
+    find = sub.add_parser("lr-find", help="short lr range test: the largest lr that does not diverge, and a suggestion")
+    find.add_argument("--config", help="YAML file of TrainConfig keys")
+    find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    find.add_argument("--lr-min", type=float, default=1e-7, help="smallest lr of the grid (default: %(default)g)")
+    find.add_argument("--lr-max", type=float, default=1e-3, help="largest lr of the grid (default: %(default)g)")
+    find.add_argument("--per-decade", type=int, default=2, help="grid values per factor of ten (default: %(default)s)")
+    find.add_argument("--steps-per-lr", type=int, default=10, help="steps at each lr (default: %(default)s)")
+    find.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, (name, kind) in _FLAGS.items():
+        if name not in ("lr", "steps", "output_dir"):
+            find.add_argument(flag, dest=name, type=kind)
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from .lrfind import lr_find, lr_grid
+
+    _quiet_libraries()
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name, _ in _FLAGS.values()}
+    cfg = load_config(args.config, {**overrides, **_nested(parse_overrides(args.set))})
+    result = lr_find(cfg, lrs=lr_grid(args.lr_min, args.lr_max, args.per_decade), steps=args.steps_per_lr,
+                     progress=not args.no_progress)
+    print(f"{'lr':>8}  {'loss, last third':>16}  {'/ smallest lr':>13}")
+    for trial in result.trials:
+        print(f"{trial.lr:8.3g}  {trial.tail:16.4g}  {trial.ratio:13.3f}{'  diverged' if trial.diverged else ''}")
+    largest = f"{result.largest_stable:g}" if result.largest_stable else "none"
+    print(f"largest lr that did not diverge: {largest}; suggested: --lr {result.suggested:g} "
+          f"({result.forward_passes} forward passes, {result.seconds:.0f} s)" if result.suggested else
+          f"every lr diverged: lower --lr-min (largest stable: {largest})")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -195,7 +238,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay,
-             "export": _export, "bench": _bench}
+             "export": _export, "lr-find": _lr_find, "bench": _bench}
 
 
 def _quiet_libraries() -> None:

@@ -11,12 +11,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides", "read_yaml_mapping"]
 
@@ -130,6 +132,8 @@ class TrainConfig:
 
     def resolved_device(self) -> torch.device:
         """Where the model and batches live: ``auto`` is the first GPU when there is one."""
+        import torch  # here, not at the top: `curvzo --help` must not pay for importing torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -192,6 +196,7 @@ class TrainConfig:
 def _device_problems(device: Any) -> list[str]:
     if device == "auto":
         return []
+    import torch
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -248,12 +253,18 @@ def read_yaml_mapping(path: Path, kind: str = "config file", expect: str = "a ma
     except FileNotFoundError:
         raise ConfigError(f"{kind} not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{kind} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {path} is not valid YAML{_where(err)}: {str(err).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{kind} {path} must hold {expect}")
     return data
+
+
+def _where(err: yaml.YAMLError) -> str:
+    """`` (line L, column C)`` of a parse error, 1-based as editors count; empty when YAML gives no position."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
