@@ -24,23 +24,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from torch import nn
 
 from ._blocks import Block, build_blocks
-from ._noise import NOISE_VERSION, NOISES, Noise, NoiseSource, unit_elements
+from ._noise import NOISE_VERSION, NoiseSource, unit_elements
+from ._options import NOISES, ROUNDINGS, Noise, Rounding
 from ._rounding import round_stochastic
 from ._stream import Perturbation, owned_parameters, streamed
 from ._validate import is_int, is_real
 
-__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "ROUNDINGS", "Rounding", "DEFAULT_MAX_CHUNK"]
+__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "DEFAULT_MAX_CHUNK"]
 
 Closure = Callable[[], Any]
-Rounding = Literal["nearest", "stochastic", "master"]
-ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 #: Largest piece of a tensor perturbed, drawn or updated at once (4M elements: 16 MB in fp32).
 DEFAULT_MAX_CHUNK = 1 << 22
