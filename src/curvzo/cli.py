@@ -170,10 +170,11 @@ def _lr_find(args: argparse.Namespace) -> None:
     print(f"{'lr':>8}  {'loss, last third':>16}  {'/ smallest lr':>13}")
     for trial in result.trials:
         print(f"{trial.lr:8.3g}  {trial.tail:16.4g}  {trial.ratio:13.3f}{'  diverged' if trial.diverged else ''}")
-    largest = f"{result.largest_stable:g}" if result.largest_stable else "none"
-    print(f"largest lr that did not diverge: {largest}; suggested: --lr {result.suggested:g} "
-          f"({result.forward_passes} forward passes, {result.seconds:.0f} s)" if result.suggested else
-          f"every lr diverged: lower --lr-min (largest stable: {largest})")
+    cost = f"{result.forward_passes} forward passes, {result.seconds:.0f} s"
+    if result.largest_stable is None:
+        print(f"every lr diverged: lower --lr-min ({cost})")
+    else:
+        print(f"largest lr that did not diverge: {result.largest_stable:g}; suggested: --lr {result.suggested:g} ({cost})")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -5,8 +5,11 @@
     python -c "import curvzo; curvzo.train(curvzo.TrainConfig(steps=20))"
 
 Every method (ZO and first-order) runs through the same loop: draw a batch, take one optimizer
-step, log, and every ``eval_every`` steps evaluate on dev, keep the best weights and write a
-checkpoint. Forward passes are counted: they are the common budget axis of ZO methods.
+step, log, check for divergence, every ``eval_every`` steps evaluate on dev and keep the best
+weights, and write a checkpoint at each evaluation and on the checkpoint schedule (steps and/or
+minutes). Forward passes are counted: they are the common budget axis of ZO methods. A ZO run's
+trajectory rebuilds the weights of any of its steps (``rebuild``, ``export``), which is what lets
+a finished run keep only its trajectory.
 """
 
 from __future__ import annotations
@@ -208,8 +211,9 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, An
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
     _load_best(run, model, named, run.train_state()["best_step"])
     bars = ("dev", "test") if progress else (None, None)
-    return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0]),
-            "test": evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1])}
+    return {"task": task.name, "metric": task.metric,
+            "dev": _round(evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0])),
+            "test": _round(evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1]))}
 
 
 # ---------------------------------------------------------------------- components
