@@ -106,6 +106,15 @@ def _to_host(values: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _fp32_scalar(x: float) -> float:
+    """``x`` as an fp32 kernel can take it: beyond fp32's range it is +-inf (the update overflows
+    the weights, as the same product computed in fp32 would) rather than an error."""
+    return x if abs(x) <= _FP32_MAX or not math.isfinite(x) else math.copysign(math.inf, x)
+
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _as_float(loss: Any) -> float:
     return float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
 
@@ -191,7 +200,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _module_owners(self) -> list:
         """(module, its managed parameters) for every module of ``model`` that owns one."""
         if self._owners is None:
-            managed = set(self._param_blocks) if self._blocks is not None else {id(b.param) for b in self.blocks}
+            managed = {id(block.param) for block in self.blocks}
             self._owners = owned_parameters(self.model, managed)
             owned = {id(p) for _, own in self._owners for _, p in own}
             if owned != managed:
@@ -401,7 +410,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             block = self.blocks[block_id]
             g = block.group
             lr, decay = record.lr[g], record.lr[g] * record.weight_decay[g]
-            scale = -lr * (record.grad * (record.eps[0] / record.eps[g])) / pi
+            scale = _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / pi)
             squares = []
             if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
