@@ -75,9 +75,9 @@ def test_batches_are_a_pure_function_of_seed_and_step(tiny_dir, toy_task, tmp_pa
 # 49k-token embedding costs seconds per step on the tiny model (test_cli.py runs it on real data).
 @pytest.mark.parametrize("method", ["mezo", "curvzo-ref", "adamw"])
 def test_resume_equals_an_uninterrupted_run(tiny_dir, toy_task, tmp_path, method):
-    full = config(tiny_dir, toy_task, tmp_path / "full", method=method)
+    full = config(tiny_dir, toy_task, tmp_path / "full", method=method, keep="weights")  # weights compared below
     train(full, progress=False)
-    part = config(tiny_dir, toy_task, tmp_path / "part", method=method, steps=2)
+    part = config(tiny_dir, toy_task, tmp_path / "part", method=method, steps=2, keep="weights")
     train(part, progress=False)
     resumed = train(replace(part, steps=4), resume=True, progress=False)
     assert resumed == {**json.loads((tmp_path / "full" / "results.json").read_text()),
@@ -99,7 +99,7 @@ def test_resume_refuses_a_changed_config(tiny_dir, toy_task, tmp_path):
 
 @pytest.mark.parametrize("method", ["mezo", "curvzo-ref"])
 def test_replay_rebuilds_the_final_weights_from_the_trajectory(tiny_dir, toy_task, tmp_path, method):
-    cfg = config(tiny_dir, toy_task, tmp_path / "run", method=method)
+    cfg = config(tiny_dir, toy_task, tmp_path / "run", method=method, keep="weights")
     train(cfg, progress=False)
     trained, _ = RunDir(tmp_path / "run").load_checkpoint()  # the checkpoint at the last step
     rebuilt = dict(replay(str(tiny_dir), tmp_path / "run" / TRAJECTORY_FILE, tmp_path / "rebuilt"))
@@ -115,7 +115,8 @@ def test_replay_rebuilds_the_final_weights_from_the_trajectory(tiny_dir, toy_tas
 def test_trajectory_file_round_trip_and_resume_truncation(tmp_path):
     path = tmp_path / "t.czt"
     masks = [torch.tensor([True, False, False, True, True]), torch.tensor([False] * 3 + [True]), None]
-    hypers = [Hyper((1e-3, 1e-3), (0.0, 0.1)), Hyper((1e-3, 1e-3), (0.0, 0.1)), Hyper((5e-4, 5e-4), (0.0, 0.1))]
+    hypers = [Hyper((1e-3, 1e-3), (0.0, 0.1), (1e-3, 1e-3)), Hyper((1e-3, 1e-3), (0.0, 0.1), (1e-3, 1e-3)),
+              Hyper((5e-4, 5e-4), (0.0, 0.1), (1e-3, 2e-3))]
     writer = TrajectoryWriter(path, {"config": {"seed": 3}})
     writer.step(0.25, masks[0], hypers[0])
     cut = writer.offset
