@@ -291,7 +291,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_dir, data_dir, tmp_
     real = curvzo.finetune.train
     monkeypatch.setattr(curvzo.finetune, "train", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
     report = run_bench(grid, only=parse_only("method=mezo", grid), log=lambda line: None)
-    assert calls == [{"resume": True, "progress": True}] and report.executed == [run.name]
+    assert calls == [{"resume": True, "overwrite": False, "progress": True}] and report.executed == [run.name]
     assert json.loads((run.path / "results.json").read_text())["steps"] == 2
 
 

@@ -107,3 +107,20 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, data_dir, tm
     _assert_same(load_file(str(run / "checkpoint" / "model.safetensors")), reference)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+
+
+def test_ctrl_c_before_the_first_step_leaves_a_resumable_run(tiny_dir, data_dir, tmp_path, reference, monkeypatch, capsys):
+    """Ctrl-C during the zero-shot evaluation: the start is checkpointed and the resumed run is the same run."""
+    import curvzo.finetune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    real = curvzo.finetune.evaluate
+    monkeypatch.setattr(curvzo.finetune, "evaluate", interrupted)
+    assert main(_argv(tiny_dir, data_dir, run)) == 130
+    assert capsys.readouterr().err == f"curvzo: interrupted at step 0: checkpoint at step 0; continue with `curvzo train --resume {run}`\n"
+    monkeypatch.setattr(curvzo.finetune, "evaluate", real)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    _assert_same(load_file(str(run / "checkpoint" / "model.safetensors")), reference)

@@ -28,8 +28,8 @@ def test_progress_names_the_folder_at_start(tiny_dir, data_dir, tmp_path, capsys
     run = tmp_path / "run"
     argv = [a for a in _argv(tiny_dir, data_dir, "--output-dir", str(run)) if a != "--no-progress"]
     assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert err.splitlines()[0] == f"run folder {run}"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == [f"loading data and {tiny_dir}", f"run folder {run}"], "named before the first evaluation"
 
 
 def test_an_existing_run_is_refused_and_left_alone(tiny_dir, data_dir, tmp_path, capsys):

@@ -317,6 +317,8 @@ def _eps(value: Any, where: str, modes: tuple[str, ...], problems: list[str]) ->
 def run_config(grid: Grid, task: str, spec: MethodSpec, mode: str, lr: float, seed: int, path: Path) -> TrainConfig:
     """The TrainConfig of one training run: grid settings, then the method's, then the cell's."""
     values = {**grid.settings, **spec.settings}
+    if grid.keep_weights:
+        values["keep"] = "weights"
     if mode in spec.eps:
         values["eps"] = spec.eps[mode]
     return TrainConfig(**values, model=grid.model, data_dir=grid.data_dir, task=task, method=spec.method,

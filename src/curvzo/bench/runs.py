@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # Config keys that may differ between a finished run and the grid (paths, evaluation chunking).
-_IGNORED_FOR_DONE = {"output_dir", "eval_batch_size", "data_dir"}
+_IGNORED_FOR_DONE = {"output_dir", "eval_batch_size", "data_dir", "keep"}
 _IGNORED_FOR_PARTIAL = _IGNORED_FOR_DONE | {"steps", "eval_every"}  # a resume may extend a run
 
 
@@ -214,7 +214,8 @@ def execute(run: Run, *, keep_weights: bool = False, progress: bool = True) -> d
             from ..finetune import train
 
             try:
-                results = train(run.config, resume=run.resumable, overwrite=True, progress=progress)  # the grid owns its folders
+                # the grid owns its folders: one without a checkpoint holds at most a failed start
+                results = train(run.config, resume=run.resumable, overwrite=not run.resumable, progress=progress)
             except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not a failure
                 results = _diverged_results(run, err)
             line = (f"zero-shot dev {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
