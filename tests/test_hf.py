@@ -147,13 +147,21 @@ def test_bf16_autocast_runs(tmp_path: Path) -> None:
     assert trainer.state.global_step == 2 and all(log["loss"] == log["loss"] for log in trainer.state.log_history if "loss" in log)
 
 
-def test_an_optimizer_instance_is_used_as_given(tmp_path: Path) -> None:
-    model = small("opt")
+def test_an_optimizer_instance_is_used_as_given_with_dropout_off(tmp_path: Path) -> None:
+    modes = []
+
+    class Probe(ZOTrainer):
+        def compute_loss(self, model: torch.nn.Module, inputs: dict, **kwargs: Any) -> Any:
+            modes.append(any(module.training for module in model.modules()))
+            return super().compute_loss(model, inputs, **kwargs)
+
+    model = small("opt").train()  # OPT has dropout 0.1: the two perturbed forwards would differ
     optimizer = MeZO(model.parameters(), lr=1e-3, seed=7)
-    trainer = ZOTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=token_dataset(4),
-                        optimizers=(optimizer, None))
+    trainer = Probe(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=token_dataset(4),
+                    optimizers=(optimizer, None))
     trainer.train()
     assert trainer.zo_optimizer is optimizer and optimizer.last_step.record.step == 1
+    assert modes == [False] * 4  # two steps, two forwards each, all in eval mode
 
 
 @pytest.mark.parametrize(
@@ -163,6 +171,8 @@ def test_an_optimizer_instance_is_used_as_given(tmp_path: Path) -> None:
         (lambda tmp: arguments(tmp, zo_eps=-1.0), "`zo_eps` must be a finite number > 0"),
         (lambda tmp: arguments(tmp, zo_rounding="up"), "`zo_rounding` must be one of"),
         (lambda tmp: arguments(tmp, TrainingArguments, learning_rate=0.0), "`learning_rate` must be"),
+        (lambda tmp: arguments(tmp, zo_options="{pi_floor: 0.05}"), "`zo_options` is not valid JSON"),
+        (lambda tmp: arguments(tmp, fp16=True), "fp16=True .* needs a backward pass"),
     ],
 )
 def test_bad_zo_settings_fail_before_training(tmp_path: Path, make: Any, message: str) -> None:

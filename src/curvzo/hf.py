@@ -43,7 +43,7 @@ from .finetune import build_training_optimizer
 from .models import trainable_named_parameters
 from .optim import CurvZO, StepInfo, ZOOptimizer
 
-__all__ = ["ZOTrainer", "ZOTrainingArguments", "ZOStatsCallback", "TrainerOptimizer", "unwrap_zo"]
+__all__ = ["ZOTrainer", "ZOTrainingArguments", "ZOStatsCallback", "TrainerOptimizer", "unwrap_zo", "zo_config"]
 
 _HARNESS = {f.name: f for f in fields(TrainConfig)}
 
@@ -83,7 +83,10 @@ class ZOTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.zo_options, str):
-            self.zo_options = json.loads(self.zo_options)
+            try:
+                self.zo_options = json.loads(self.zo_options)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"`zo_options` is not valid JSON ({err.msg}): {self.zo_options!r}") from None
         zo_config(self)  # bad settings fail here, before a model or dataset is touched
 
 
@@ -191,8 +194,9 @@ class ZOTrainer(Trainer):
     reporting integrations) also get the ZO statistics.
 
     Raises:
-        ValueError: for ``fp16=True`` (loss scaling needs a backward pass), more than one device
-            or process, or an ``optimizers`` entry that is not a curvzo ZO optimizer.
+        ConfigError: (a ValueError) for bad ``zo_*`` settings, ``fp16=True`` (loss scaling needs
+            a backward pass), more than one device or process, or an ``optimizers`` entry that is
+            not a curvzo ZO optimizer.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
