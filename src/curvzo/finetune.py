@@ -175,7 +175,8 @@ def build_training_optimizer(
         groups.append({"params": [embedding], "weight_decay": cfg.weight_decay, "block_size": embedding.shape[1]})
     try:
         return build_optimizer(
-            cfg.method, groups, lr=lr, eps=cfg.eps, seed=cfg.seed, rounding=cfg.rounding, **cfg.optimizer_options
+            cfg.method, groups, lr=lr, eps=cfg.eps, seed=cfg.seed, rounding=cfg.rounding, model=model,
+            **cfg.optimizer_options,
         )
     except (TypeError, ValueError) as err:  # the optimizers validate like torch.optim
         raise ConfigError(f"invalid optimizer options for {cfg.method}: {err}") from None
@@ -278,7 +279,7 @@ TRAJECTORY_FILE = "trajectory.czt"
 
 def _hyper(optimizer: torch.optim.Optimizer) -> Hyper:
     groups = optimizer.param_groups
-    return Hyper(tuple(float(g["lr"]) for g in groups), tuple(float(g["weight_decay"]) for g in groups))
+    return Hyper(*(tuple(float(g[key]) for g in groups) for key in ("lr", "weight_decay", "eps")))
 
 
 def _open_trajectory(
@@ -305,8 +306,8 @@ def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list
     optimizer = build_training_optimizer(cfg, model, named)
     for record in records:
         if isinstance(record, Hyper):
-            for group, lr, wd in zip(optimizer.param_groups, record.lr, record.weight_decay):
-                group["lr"], group["weight_decay"] = lr, wd
+            for group, lr, wd, eps in zip(optimizer.param_groups, record.lr, record.weight_decay, record.eps):
+                group["lr"], group["weight_decay"], group["eps"] = lr, wd, eps
         else:
             optimizer.replay(record.grad, active=record.active)
     save_trainable(model, out_dir)

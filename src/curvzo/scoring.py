@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError, ModelError
+from curvzo.optim import read_rows
 
 __all__ = [
     "check_fits",
@@ -382,11 +383,14 @@ def project(head: nn.Linear, hidden: Tensor, token_ids: Tensor | None = None) ->
     Returns:
         ``[rows, vocab]`` logits, or ``[rows, k]`` logits of the candidates only (computed from
         those ``k`` rows of the weight, never the whole vocabulary).
+
+    The head is called as a module, or its rows are read with :func:`curvzo.optim.read_rows`, so
+    that inside a ZO step both see the step's perturbation (only the rows read are perturbed).
     """
     if token_ids is None:
-        return F.linear(hidden, head.weight, head.bias)
-    logits = torch.einsum("nh,nkh->nk", hidden, head.weight[token_ids])
-    return logits if head.bias is None else logits + head.bias[token_ids]
+        return head(hidden)
+    logits = torch.einsum("nh,nkh->nk", hidden, read_rows(head.weight, token_ids))
+    return logits if head.bias is None else logits + read_rows(head.bias, token_ids)
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

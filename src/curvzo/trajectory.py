@@ -7,13 +7,14 @@ inclusion probabilities, noise). ``curvzo replay`` rebuilds the fine-tuned weigh
 
 Layout: a magic line, one JSON header line, then records, appended as the run goes:
 
-* ``H`` + uint16 n + n x (float64 lr, float64 weight_decay): group hyperparameters, written
-  before the first step and whenever a scheduler changes them;
+* ``H`` + uint16 n + n x (float64 lr, float64 weight_decay, float64 eps): group hyperparameters,
+  written before the first step and whenever a scheduler changes them;
 * ``S`` + float64 grad + varint r + r varints: one step; the varints are the run lengths of the
   active mask, alternating inactive / active and starting with inactive (r = 0: no mask).
 
 A resumed run truncates the file to the byte offset stored in its checkpoint, so the file always
-matches the weights it would rebuild.
+matches the weights it would rebuild. The magic line carries the format version, which is also the
+engine's noise version: a file written with another noise cannot be rebuilt and is refused.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import CheckpointError
+from .optim import NOISE_VERSION
 
 __all__ = ["MAGIC", "TrajectoryWriter", "Step", "Hyper", "read_trajectory", "fingerprint"]
 
-MAGIC = b"CURVZO-TRAJECTORY 1\n"
+_MAGIC_PREFIX = b"CURVZO-TRAJECTORY "
+MAGIC = _MAGIC_PREFIX + f"{NOISE_VERSION}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Step:
 class Hyper:
     lr: tuple[float, ...]
     weight_decay: tuple[float, ...]
+    eps: tuple[float, ...]
 
 
 def fingerprint(named: list[tuple[str, torch.Tensor]]) -> str:
@@ -102,7 +106,7 @@ class TrajectoryWriter:
     def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper) -> None:
         if hyper != self._hyper:
             payload = struct.pack("<H", len(hyper.lr)) + b"".join(
-                struct.pack("<dd", lr, wd) for lr, wd in zip(hyper.lr, hyper.weight_decay)
+                struct.pack("<ddd", *values) for values in zip(hyper.lr, hyper.weight_decay, hyper.eps)
             )
             self._handle.write(b"H" + payload)
             self._hyper = hyper
@@ -132,6 +136,12 @@ def read_trajectory(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[S
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"cannot read trajectory {path}: {err.strerror}") from None
+    if data.startswith(_MAGIC_PREFIX) and not data.startswith(MAGIC):
+        version = data[len(_MAGIC_PREFIX) :].split(b"\n", 1)[0].decode(errors="replace")
+        raise CheckpointError(
+            f"{path} was written with noise version {version}; this curvzo draws noise version {NOISE_VERSION} "
+            "and cannot rebuild its weights (replay it with the curvzo release that wrote it)"
+        )
     if not data.startswith(MAGIC) or b"\n" not in data[len(MAGIC) :]:
         raise CheckpointError(f"{path} is not a curvzo trajectory file")
     end = data.index(b"\n", len(MAGIC))
@@ -148,9 +158,9 @@ def _records(data: bytes, pos: int) -> Iterator[Step | Hyper]:
             kind = data[pos : pos + 1]
             if kind == b"H":
                 (n,) = struct.unpack_from("<H", data, pos + 1)
-                values = struct.unpack_from(f"<{2 * n}d", data, pos + 3)
-                pos += 3 + 16 * n
-                yield Hyper(tuple(values[0::2]), tuple(values[1::2]))
+                values = struct.unpack_from(f"<{3 * n}d", data, pos + 3)
+                pos += 3 + 24 * n
+                yield Hyper(tuple(values[0::3]), tuple(values[1::3]), tuple(values[2::3]))
             elif kind == b"S":
                 (grad,) = struct.unpack_from("<d", data, pos + 1)
                 count, pos = _read_varint(data, pos + 9)

@@ -26,7 +26,7 @@ def test_loss_goes_down_on_a_fixed_batch(arch, method):
     loss = lambda: scoring.classification_loss(model, batch)
     with torch.no_grad():
         start = float(loss())
-    opt = build_optimizer(method, [p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-3, seed=0)
+    opt = build_optimizer(method, [p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-3, seed=0, model=model)
     for _ in range(40):
         opt.step(loss)
     with torch.no_grad():

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ._noise import NOISE_VERSION, NOISES
+from ._stream import read_rows
 from .curvzo import CurvZO
 from .mezo import MeZO
-from .optimizer import StepInfo, StepRecord, ZOOptimizer, decay_param_groups
+from .optimizer import ROUNDINGS, StepInfo, StepRecord, ZOOptimizer, decay_param_groups
 
 __all__ = [
     "ZOOptimizer",
@@ -20,6 +22,10 @@ __all__ = [
     "StepRecord",
     "StepInfo",
     "decay_param_groups",
+    "read_rows",
+    "NOISE_VERSION",
+    "NOISES",
+    "ROUNDINGS",
     "OPTIMIZERS",
     "PRESETS",
     "build_optimizer",

@@ -5,8 +5,8 @@ tensor is one block; ``block_size`` splits large tensors so that, for example, a
 embedding is not one all-or-nothing unit. For 2-D tensors the split is rounded to whole rows, so
 that a block is a set of embedding rows (rows of tokens absent from a batch cannot change its loss).
 
-The noise of a block is a pure function of (step seed, block id): each block reseeds a dedicated
-generator, so an unsampled block costs no random numbers and any block can be regenerated alone.
+The noise of a block is a pure function of (step seed, block id, element index) (``_noise``), so an
+unsampled block costs no random numbers and any part of any block can be regenerated alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Block", "build_blocks", "block_seed", "NoiseSource"]
+__all__ = ["Block", "build_blocks", "block_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,6 +33,11 @@ class Block:
     @property
     def numel(self) -> int:
         return self.end - self.start
+
+    @property
+    def row_length(self) -> int:
+        """Elements per row of a matrix parameter (blocks of matrices are whole rows); 1 otherwise."""
+        return self.param.numel() // self.param.shape[0] if self.param.dim() >= 2 and self.param.numel() else 1
 
     def view(self) -> torch.Tensor:
         return self.param.view(-1)[self.start : self.end]
@@ -73,34 +78,3 @@ def block_seed(step_seed: int, block_id: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-
-
-class NoiseSource:
-    """Gaussian block noise with one generator and one reusable fp32 buffer per device.
-
-    Reusing the buffer matters: filling an existing buffer with ``normal_`` is several times
-    cheaper on CPU than allocating a fresh tensor with ``randn`` for every block.
-    """
-
-    def __init__(self) -> None:
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._buffers: dict[torch.device, torch.Tensor] = {}
-        self.draws = 0  # elements generated so far: lets tests and benchmarks count noise passes
-
-    def generator(self, block: Block, step_seed: int, salt: int = 0) -> torch.Generator:
-        """The device's generator, seeded for (step seed, block, salt); salt 0 is the noise stream."""
-        device = block.param.device
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        return gen.manual_seed(block_seed(step_seed ^ (salt * 0xD1B54A32D192ED03), block.index))
-
-    def noise(self, block: Block, step_seed: int) -> torch.Tensor:
-        """z for ``block`` at ``step_seed`` as an fp32 view shaped like the block (valid until the next call)."""
-        device = block.param.device
-        buf = self._buffers.get(device)
-        if buf is None or buf.numel() < block.numel:
-            buf = self._buffers[device] = torch.empty(block.numel, dtype=torch.float32, device=device)
-        gen = self.generator(block, step_seed)
-        self.draws += block.numel
-        return buf[: block.numel].normal_(generator=gen)

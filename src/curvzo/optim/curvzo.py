@@ -8,8 +8,12 @@ from typing import Any, Literal
 
 import torch
 
+from torch import nn
+
+from ._noise import Noise
 from ._sampling import draw_multinomial, draw_poisson, draw_uniform, pps_inclusion
-from .optimizer import Rounding, StepRecord, ZOOptimizer
+from ._validate import is_int, is_real
+from .optimizer import DEFAULT_MAX_CHUNK, Rounding, StepRecord, ZOOptimizer
 
 __all__ = ["CurvZO"]
 
@@ -53,8 +57,9 @@ class CurvZO(ZOOptimizer):
         feedback (str): ``"abs"`` (default), ``"square"`` or ``"energy"``, see above.
         explore_mix (float | "adaptive" | None): mix alpha of the uniform distribution into p,
             re-estimated with the budget when ``"adaptive"`` (default: None, off).
-        pi_floor (float): lower bound on every inclusion probability (pps only); bounds the
-            1/pi correction that makes rarely sampled blocks take huge steps (default: 0).
+        pi_floor (float): lower bound on the inclusion probability of the group's blocks (pps
+            only); bounds the 1/pi correction that makes rarely sampled blocks take huge steps; a
+            group option (default: 0).
         budget (float | "adaptive"): a fixed fraction of blocks, or adaptive (default).
         init_fraction (float): initial budget fraction (default: 0.4).
         budget_every (int): steps between budget updates (default: 20).
@@ -66,13 +71,17 @@ class CurvZO(ZOOptimizer):
         dense_below (int): blocks of at most this many elements are perturbed at every step
             (pi = 1); the budget is a fraction of the other blocks (``pps`` only). Small blocks (norm
             gains, biases, embedding rows) cost nothing to perturb, while sampling them scales
-            their updates by 1/pi on directions of high curvature (default: 0, none).
+            their updates by 1/pi on directions of high curvature; a group option (default: 0, none).
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
             (unbiased, reproducible); ``"master"`` accumulates them in fp32 master copies;
             ``"nearest"`` drops them (default: nearest).
+        model (nn.Module, optional): the module the closure runs; with it perturbations are
+            streamed module by module, at inference memory (default: None, see ZOOptimizer).
+        max_chunk (int): largest piece perturbed, drawn or updated at once (default: 4,194,304).
+        noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
 
     Example:
-        >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
+        >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
         >>> loss = opt.step(lambda: loss_fn(model(**batch)))
 
     .. note:: Where the paper is open (exploration mix, feedback, pi floor) the defaults here are
@@ -102,48 +111,54 @@ class CurvZO(ZOOptimizer):
         rounding: Rounding = "nearest",
         init_score: float = 0.01,
         dense_below: int = 0,
+        model: nn.Module | None = None,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        noise: Noise = "gaussian",
     ) -> None:
         if sampling not in _SAMPLINGS:
             raise ValueError(f"Invalid sampling: {sampling!r} (choose from {', '.join(_SAMPLINGS)})")
         if feedback not in _FEEDBACKS:
             raise ValueError(f"Invalid feedback: {feedback!r} (choose from {', '.join(_FEEDBACKS)})")
-        if not (explore_mix is None or explore_mix == "adaptive" or _in(explore_mix, 0.0, 1.0, upper_open=True)):
+        if not (explore_mix is None or explore_mix == "adaptive" or is_real(explore_mix, lo=0.0, hi=1.0, hi_open=True)):
             raise ValueError(f"Invalid explore_mix: {explore_mix!r} (None, 'adaptive' or a float in [0, 1))")
-        if not _in(pi_floor, 0.0, 1.0, upper_open=True):
-            raise ValueError(f"Invalid pi_floor: {pi_floor!r} (a float in [0, 1))")
-        if pi_floor and sampling != "pps":
-            raise ValueError(f"pi_floor requires sampling='pps', got sampling={sampling!r}")
-        if not (budget == "adaptive" or (_in(budget, 0.0, 1.0) and budget > 0)):
+        if not (budget == "adaptive" or (is_real(budget, lo=0.0, hi=1.0) and budget > 0)):
             raise ValueError(f"Invalid budget: {budget!r} ('adaptive' or a fraction in (0, 1])")
-        if not (_in(init_fraction, 0.0, 1.0) and init_fraction > 0):
+        if not (is_real(init_fraction, lo=0.0, hi=1.0) and init_fraction > 0):
             raise ValueError(f"Invalid init_fraction: {init_fraction!r} (a fraction in (0, 1])")
-        if not (isinstance(budget_every, int) and budget_every >= 1):
+        if not is_int(budget_every, minimum=1):
             raise ValueError(f"Invalid budget_every: {budget_every!r} (an int >= 1)")
-        if not (_in(score_beta, 0.0, 1.0) and score_beta > 0):
+        if not (is_real(score_beta, lo=0.0, hi=1.0) and score_beta > 0):
             raise ValueError(f"Invalid score_beta: {score_beta!r} (a float in (0, 1])")
-        if not (isinstance(init_score, (int, float)) and init_score > 0):
+        if not (is_real(init_score) and init_score > 0):
             raise ValueError(f"Invalid init_score: {init_score!r} (a positive float)")
-        if not (isinstance(dense_below, int) and not isinstance(dense_below, bool) and dense_below >= 0):
-            raise ValueError(f"Invalid dense_below: {dense_below!r} (an int >= 0)")
-        if dense_below and sampling != "pps":
-            raise ValueError(f"dense_below requires sampling='pps', got sampling={sampling!r}")
         self.sampling = sampling
         self.feedback = feedback
         self.explore_mix = explore_mix
-        self.pi_floor = float(pi_floor)
         self.budget = budget
         self.init_fraction = float(init_fraction)
         self.budget_every = budget_every
         self.score_beta = float(score_beta)
         self.normalize_by_numel = normalize_by_numel
         self.init_score = float(init_score)
-        self.dense_below = dense_below
         self._dense_for: list | None = None
         self._dense = torch.zeros(0, dtype=torch.bool)
+        self._floor = torch.zeros(0, dtype=torch.float64)
         super().__init__(
-            params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
-            rounding=rounding,
+            params,
+            {"lr": lr, "weight_decay": weight_decay, "dense_below": dense_below, "pi_floor": pi_floor},
+            eps=eps, seed=seed, block_size=block_size, rounding=rounding, model=model, max_chunk=max_chunk,
+            noise=noise,
         )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not is_real(group["pi_floor"], lo=0.0, hi=1.0, hi_open=True):
+            raise ValueError(f"Invalid pi_floor: {group['pi_floor']!r} (a float in [0, 1))")
+        if not is_int(group["dense_below"], minimum=0):
+            raise ValueError(f"Invalid dense_below: {group['dense_below']!r} (an int >= 0)")
+        for option in ("pi_floor", "dense_below"):
+            if group[option] and self.sampling != "pps":
+                raise ValueError(f"{option} requires sampling='pps', got sampling={self.sampling!r}")
 
     # ----------------------------------------------------------------- state
     def _init_global_state(self, state: dict[str, Any]) -> None:
@@ -181,7 +196,8 @@ class CurvZO(ZOOptimizer):
 
     def inclusion_probabilities(self, active: torch.Tensor | None = None) -> torch.Tensor:
         """pi_b of every block for the next step (0 outside ``active``); pps draws with exactly these."""
-        if not self.dense_below:
+        self._refresh_block_options()
+        if not bool(self._dense.any()):
             return self._sparse_inclusion(active)
         dense = self._dense_blocks(active)
         drawable = self._drawable(active)
@@ -199,20 +215,27 @@ class CurvZO(ZOOptimizer):
         if self.sampling == "multinomial":
             return torch.clamp(k * p, max=1.0)
         pi = pps_inclusion(p, k)
-        if self.pi_floor:
-            pi = pi.clamp_min(self.pi_floor) if active is None else torch.where(active, pi.clamp_min(self.pi_floor), pi)
-        return pi
+        floor = self._floor if active is None else self._floor * active
+        return torch.maximum(pi, floor) if bool(floor.any()) else pi
+
+    def _refresh_block_options(self) -> None:
+        """Per-block ``dense_below`` and ``pi_floor`` from the groups (rebuilt with the blocks)."""
+        if self._dense_for is self.blocks:
+            return
+        groups = self.param_groups
+        self._dense = torch.tensor([b.numel <= groups[b.group]["dense_below"] for b in self.blocks], dtype=torch.bool)
+        self._floor = torch.tensor([float(groups[b.group]["pi_floor"]) for b in self.blocks], dtype=torch.float64)
+        self._dense_for = self.blocks
 
     def _dense_blocks(self, active: torch.Tensor | None) -> torch.Tensor:
         """Blocks always perturbed (``dense_below``), among the active ones."""
-        if self._dense_for is not self.blocks:  # blocks are rebuilt after load_state_dict
-            self._dense = torch.tensor([b.numel <= self.dense_below for b in self.blocks], dtype=torch.bool)
-            self._dense_for = self.blocks
+        self._refresh_block_options()
         return self._dense if active is None else self._dense & active
 
     def _drawable(self, active: torch.Tensor | None) -> torch.Tensor | None:
         """The blocks the budget is a fraction of: the active ones, less those always perturbed."""
-        if not self.dense_below:
+        self._refresh_block_options()
+        if not bool(self._dense.any()):
             return active
         sampled = ~self._dense_blocks(None)
         return sampled if active is None else active & sampled
@@ -295,9 +318,3 @@ class CurvZO(ZOOptimizer):
         sizes = torch.tensor([b.numel for b in self.blocks], dtype=torch.float64)
         cross = float((pi * positive).sum())
         state["scores"] = torch.sqrt((sizes + 2.0) * positive + sizes * cross).clamp_min(1e-12)
-
-
-def _in(x: object, lo: float, hi: float, *, upper_open: bool = False) -> bool:
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
-        return False
-    return lo <= x < hi if upper_open else lo <= x <= hi

@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 
-from .optimizer import Rounding, ZOOptimizer
+from torch import nn
+
+from ._noise import Noise
+from .optimizer import DEFAULT_MAX_CHUNK, Rounding, ZOOptimizer
 
 __all__ = ["MeZO"]
 
@@ -30,13 +33,18 @@ class MeZO(ZOOptimizer):
         rounding (str): ``"stochastic"`` keeps bf16/fp16 updates smaller than half an ulp
             (unbiased, reproducible); ``"master"`` accumulates them in fp32 master copies;
             ``"nearest"`` drops them (default: nearest).
+        model (nn.Module, optional): the module the closure runs; with it perturbations are
+            streamed module by module, at inference memory (default: None, see ZOOptimizer).
+        max_chunk (int): largest piece perturbed, drawn or updated at once (default: 4,194,304).
+        noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
 
     Example:
-        >>> opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
+        >>> opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
         >>> loss = opt.step(lambda: loss_fn(model(**batch)))
 
-    .. note:: z is regenerated from (step seed, block id) for +eps, -eps and the update (3 draws)
-       instead of MeZO reference code's 4, and perturbations never round the stored weights.
+    .. note:: z is regenerated from (step seed, block id, element) for +eps, -eps and the update
+       (3 draws) instead of MeZO reference code's 4, and perturbations never write the stored
+       weights (the reference's +eps, -2eps, +eps arithmetic rounds them in bf16/fp16).
     """
 
     def __init__(
@@ -49,10 +57,13 @@ class MeZO(ZOOptimizer):
         seed: int = 0,
         block_size: int | None = None,
         rounding: Rounding = "nearest",
+        model: nn.Module | None = None,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        noise: Noise = "gaussian",
     ) -> None:
         super().__init__(
             params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
-            rounding=rounding,
+            rounding=rounding, model=model, max_chunk=max_chunk, noise=noise,
         )
 
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

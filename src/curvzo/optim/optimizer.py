@@ -1,17 +1,21 @@
 """ZOOptimizer: the shared machinery of two-point zeroth-order optimizers.
 
-A ZO step needs only forwards: perturb the sampled blocks by +eps*z, evaluate, by -eps*z,
-evaluate, restore, then move along z by the projected gradient (L+ - L-) / (2 eps). Subclasses
-decide only which blocks to sample and with which inclusion probabilities (``_sample``) and what
-to learn from the outcome (``_observe``); everything that must be exact lives here:
+A ZO step needs only forwards: evaluate the loss at theta + eps*z and theta - eps*z on the sampled
+blocks, then move along z by the projected gradient (L+ - L-) / (2 eps). Subclasses decide only
+which blocks to sample and with which inclusion probabilities (``_sample``) and what to learn from
+the outcome (``_observe``); everything that must be exact lives here:
 
-* z of a block is a pure function of (step seed, block id) (see ``_blocks``), so no noise is
-  stored and the same perturbation is regenerated for +eps, -eps and the update (3 draws).
-* Perturbed forwards never write into the original values: the sampled blocks are copied aside
-  for the duration of the step and copied back, so ``lr=0`` leaves every bit unchanged in any
-  dtype (in-place ``+eps, -2eps, +eps`` arithmetic would round).
+* z of an element is a pure function of (step seed, block id, element index) (``_noise``), so no
+  noise is stored, and any piece of it is regenerated on its own: for the +eps forward, the -eps
+  forward and the update (three draws of each sampled element per step).
+* Perturbed forwards never write into the stored weights. Given the model (``model=``), each
+  module sees its perturbed parameters only while it runs (``_stream``), so a step holds at most
+  one module's worth of extra memory, bounded by ``max_chunk`` elements for embeddings and large
+  output layers. Without it, the sampled blocks are set aside for the closure and copied back.
+  Either way ``lr=0`` leaves every bit unchanged in any dtype.
 * The update of a step is a pure function of a small :class:`StepRecord` and the weights before
-  it, so records can be replayed to rebuild weights or exchanged between processes.
+  it, applied in chunks of at most ``max_chunk`` elements, so records can be replayed to rebuild
+  weights or exchanged between processes.
 * Randomness comes from generators owned by the optimizer; the global torch RNG is never used.
 """
 
@@ -24,22 +28,32 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ._blocks import Block, NoiseSource, build_blocks
-from ._rounding import round_stochastic
+from torch import nn
 
-__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups"]
+from ._blocks import Block, build_blocks
+from ._noise import NOISE_VERSION, NOISES, Noise, NoiseSource, unit_elements
+from ._rounding import round_stochastic
+from ._stream import Perturbation, owned_parameters, streamed
+from ._validate import is_int, is_real
+
+__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "ROUNDINGS", "Rounding", "DEFAULT_MAX_CHUNK"]
 
 Closure = Callable[[], Any]
 Rounding = Literal["nearest", "stochastic", "master"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+
+#: Largest piece of a tensor perturbed, drawn or updated at once (4M elements: 16 MB in fp32).
+DEFAULT_MAX_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """Everything that defines one update, given the weights before it.
 
-    ``blocks[i]`` was sampled with inclusion probability ``pi[i]``; ``lr`` and ``weight_decay``
-    are per parameter group, as they were when the step ran (schedulers change them).
+    ``blocks[i]`` was sampled with inclusion probability ``pi[i]``; ``lr``, ``weight_decay`` and
+    ``eps`` are per parameter group, as they were when the step ran (schedulers change them).
+    ``grad`` is (L+ - L-) / (2 eps) with the first group's eps; a group perturbed with another eps
+    moves by ``grad * eps[0] / eps[g]``, its own projected gradient.
     """
 
     step: int
@@ -49,6 +63,7 @@ class StepRecord:
     grad: float
     lr: tuple[float, ...]
     weight_decay: tuple[float, ...]
+    eps: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -100,9 +115,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Base class of the two-point ZO optimizers; see the module docstring for the contract.
 
     Args:
-        params: iterable of parameters or parameter groups (groups may set ``lr``, ``weight_decay``).
-        defaults: per-group defaults (``lr``, ``weight_decay``).
-        eps (float): perturbation scale of the two-point estimate (not Adam's epsilon).
+        params: iterable of parameters or parameter groups (groups may set ``lr``,
+            ``weight_decay``, ``eps``, ``block_size`` and the subclass's per-group options).
+        defaults: per-group defaults (``lr``, ``weight_decay`` and the subclass's own).
+        eps (float): perturbation scale of the two-point estimate (not Adam's epsilon); a group
+            default, so groups and schedulers may set their own.
         seed (int): seed of the optimizer's own generators; same seed, same machine, same run.
         block_size (int, optional): split tensors larger than this many elements into blocks
             (whole rows for matrices); a group may set its own. Default: one block per tensor.
@@ -112,6 +129,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             of its blocks is first updated, accumulates the updates; the weights are its nearest
             rounding, so they follow fp32 training at the cost of 4 bytes per such element).
             Default: nearest.
+        model (nn.Module, optional): the module whose forward the closure runs. With it, each
+            module sees its perturbed parameters only while it runs, and a step needs at most one
+            module's worth of extra memory; without it the sampled blocks are set aside for the
+            whole closure (memory of the sampled set). Default: None.
+        max_chunk (int): the largest number of elements perturbed, drawn or updated in one piece
+            (rounded up to a whole noise unit); embeddings and output layers larger than this are
+            perturbed by rows or by chunks of rows. Default: 4,194,304 (16 MB of fp32).
+        noise (str): ``"gaussian"`` (default) or ``"rademacher"`` (random signs).
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -125,23 +150,28 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: int,
         block_size: int | None,
         rounding: Rounding = "nearest",
+        model: nn.Module | None = None,
+        max_chunk: int = DEFAULT_MAX_CHUNK,
+        noise: Noise = "gaussian",
     ) -> None:
-        if not defaults["lr"] >= 0.0:
-            raise ValueError(f"Invalid learning rate: {defaults['lr']}")
-        if not defaults["weight_decay"] >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']}")
-        if not (isinstance(eps, (int, float)) and eps > 0.0 and math.isfinite(eps)):
-            raise ValueError(f"Invalid eps (perturbation scale): {eps}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"Invalid rounding: {rounding!r} (choose from {', '.join(ROUNDINGS)})")
-        self.eps = float(eps)
+        if not is_int(max_chunk, minimum=1):
+            raise ValueError(f"Invalid max_chunk: {max_chunk!r} (an int >= 1)")
+        if noise not in NOISES:
+            raise ValueError(f"Invalid noise: {noise!r} (choose from {', '.join(NOISES)})")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.rounding = rounding
+        self.model = model
+        self.max_chunk = max_chunk
         self._blocks: list[Block] | None = None
         self._param_blocks: dict[int, tuple[int, int]] = {}  # id(param) -> its block id range, built with blocks
-        super().__init__(params, {**defaults, "block_size": block_size})
-        self._noise = NoiseSource()
+        self._owners: list | None = None  # modules owning the parameters, built with blocks
+        super().__init__(params, {**defaults, "eps": eps, "block_size": block_size})
+        self._noise = NoiseSource(noise)
         self._sampler = torch.Generator()  # step seeds and block draws; CPU so states are portable
         self._sampler.manual_seed(seed)
         self.last_step: StepInfo | None = None
@@ -156,20 +186,42 @@ class ZOOptimizer(torch.optim.Optimizer):
             for block in self._blocks:  # a parameter's blocks have consecutive ids
                 first, _ = self._param_blocks.get(id(block.param), (block.index, 0))
                 self._param_blocks[id(block.param)] = (first, block.index + 1)
+            self._owners = None
         return self._blocks
 
+    def _module_owners(self) -> list:
+        """(module, its managed parameters) for every module of ``model`` that owns one."""
+        if self._owners is None:
+            managed = set(self._param_blocks) if self._blocks is not None else {id(b.param) for b in self.blocks}
+            self._owners = owned_parameters(self.model, managed)
+            owned = {id(p) for _, own in self._owners for _, p in own}
+            if owned != managed:
+                raise ValueError("every optimized parameter must belong to `model` (a parameter of another module was given)")
+        return self._owners
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        block_size = param_group.get("block_size", self.defaults.get("block_size"))
-        if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
-            raise ValueError(f"Invalid block_size: {block_size}")
         super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
         self._blocks = None
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's options once the defaults are filled in (subclasses add theirs)."""
+        if not is_real(group["lr"], lo=0.0):
+            raise ValueError(f"Invalid learning rate: {group['lr']}")
+        if not is_real(group["weight_decay"], lo=0.0):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if not (is_real(group["eps"]) and group["eps"] > 0.0):
+            raise ValueError(f"Invalid eps (perturbation scale): {group['eps']}")
+        block_size = group["block_size"]
+        if block_size is not None and not is_int(block_size, minimum=1):
+            raise ValueError(f"Invalid block_size: {block_size}")
 
     def _global_state(self) -> dict[str, Any]:
         """Step-wide statistics live in the first parameter's state, as LBFGS keeps its counters."""
         state = self.state[self.param_groups[0]["params"][0]]
         if "step" not in state:
             state["step"] = 0
+            state["noise_version"] = NOISE_VERSION
             self._init_global_state(state)
         return state
 
@@ -183,6 +235,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every state tensor to its parameter's dtype; ZO state (float64 scores, the
         # uint8 generator state) is not per-element parameter state and must keep its own dtype.
+        first = state_dict["state"].get(0, {})
+        version = first.get("noise_version", 1)
+        if "step" in first and version != NOISE_VERSION:
+            raise ValueError(
+                f"optimizer state was written with noise version {version}; this engine draws version "
+                f"{NOISE_VERSION} and cannot continue it bit for bit"
+            )
         exact = {
             (idx, key): value.clone()
             for idx, entry in state_dict["state"].items()
@@ -237,15 +296,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         tokens. Leaving out blocks whose gradient is exactly zero keeps the estimator unbiased
         while removing their noise. Returns the mean of the two losses.
 
-        A step whose projected gradient is not finite (a NaN or inf loss) is skipped: weights and optimizer statistics stay as they were (only the sampler advances,
-        so the next step tries a fresh direction) and ``last_step.skipped`` is True.
+        A step whose projected gradient is not finite (a NaN or inf loss) is skipped: weights and
+        optimizer statistics stay as they were (only the sampler advances, so the next step tries a
+        fresh direction) and ``last_step.skipped`` is True.
         """
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step requires a closure that returns the loss")
 
-        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float, torch.Tensor]:
-            loss_plus, loss_minus, sq_norms = self._evaluate(closure, seed, blocks)
-            return loss_plus, loss_minus, (loss_plus - loss_minus) / (2.0 * self.eps), sq_norms
+        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float]:
+            loss_plus, loss_minus = self._evaluate(closure, seed, blocks)
+            return loss_plus, loss_minus, (loss_plus - loss_minus) / (2.0 * self.param_groups[0]["eps"])
 
         info = self._run(active, evaluate)
         return 0.5 * (info.loss_plus + info.loss_minus)
@@ -258,19 +318,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         so replaying a run's gradients (and ``active`` masks) from its starting weights and
         optimizer state rebuilds its weights bit for bit. A non-finite ``grad`` replays a skip.
         """
-
-        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float, torch.Tensor]:
-            norms = self._noise_norms(blocks, seed) if self._needs_noise_norms and math.isfinite(grad) else None
-            return math.nan, math.nan, grad, norms if norms is not None else torch.zeros(len(blocks), dtype=torch.float64)
-
-        return self._run(active, evaluate)
+        return self._run(active, lambda blocks, seed: (math.nan, math.nan, grad))
 
     def _run(
         self,
         active: torch.Tensor | None,
-        evaluate: Callable[[list[Block], int], tuple[float, float, float, torch.Tensor]],
+        evaluate: Callable[[list[Block], int], tuple[float, float, float]],
     ) -> StepInfo:
-        """Draw the step seed and blocks, obtain (L+, L-, g, ||z||^2), update and learn."""
+        """Draw the step seed and blocks, obtain (L+, L-, g), update and learn."""
         if active is not None and (active.dtype != torch.bool or active.shape != (len(self.blocks),)):
             raise ValueError(f"active must be a bool tensor of shape ({len(self.blocks)},)")
         state = self._global_state()
@@ -278,7 +333,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self._sampler))
         ids, pi = self._sample(state, active)
         blocks = [self.blocks[i] for i in ids.tolist()]
-        loss_plus, loss_minus, grad, sq_norms = evaluate(blocks, seed)
+        loss_plus, loss_minus, grad = evaluate(blocks, seed)
         record = StepRecord(
             step=state["step"],
             seed=seed,
@@ -287,84 +342,106 @@ class ZOOptimizer(torch.optim.Optimizer):
             grad=grad,
             lr=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decay=tuple(float(g["weight_decay"]) for g in self.param_groups),
+            eps=tuple(float(g["eps"]) for g in self.param_groups),
         )
         skipped = not math.isfinite(grad)
         if not skipped:
-            self.apply(record)
+            sq_norms = self.apply(record)
             self._observe(state, record, sq_norms)
             state["step"] += 1
         self.last_step = StepInfo(loss_plus, loss_minus, grad, len(blocks), budget, skipped, record)
         return self.last_step
 
-    def _evaluate(
-        self, closure: Closure, seed: int, blocks: list[Block]
-    ) -> tuple[float, float, torch.Tensor]:
-        """L(theta + eps z) and L(theta - eps z) over the sampled blocks, then restore exactly."""
+    def _evaluate(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float]:
+        """L(theta + eps z) and L(theta - eps z) over the sampled blocks; the weights stay as they are."""
+        eps = [float(self.param_groups[b.group]["eps"]) for b in blocks]
+        shifts = [Perturbation(blocks, [sign * e for e in eps], seed, self._noise, self.max_chunk) for sign in (1.0, -1.0)]
+        if self.model is None:
+            return self._evaluate_set_aside(closure, shifts, blocks)
+        owners = self._module_owners()
+        losses = []
+        for shift in shifts:
+            with streamed(owners, shift):
+                losses.append(_as_float(closure()))
+        return losses[0], losses[1]
+
+    def _evaluate_set_aside(
+        self, closure: Closure, shifts: list[Perturbation], blocks: list[Block]
+    ) -> tuple[float, float]:
+        """Without a model to stream through: write the perturbed blocks, evaluate, copy them back."""
         originals = [b.view().clone() for b in blocks]
+        losses = []
         try:
-            sq_norms = self._shift(blocks, originals, seed, self.eps)
-            loss_plus = _as_float(closure())
-            self._shift(blocks, originals, seed, -self.eps)
-            loss_minus = _as_float(closure())
+            for shift in shifts:
+                for block in blocks:
+                    block.view().copy_(shift.values(block.param, block.start, block.end))
+                losses.append(_as_float(closure()))
+                for block, original in zip(blocks, originals):
+                    block.view().copy_(original)
         finally:
             for block, original in zip(blocks, originals):
                 block.view().copy_(original)
-        return loss_plus, loss_minus, sq_norms
+        return losses[0], losses[1]
 
-    def _noise_norms(self, blocks: list[Block], seed: int) -> torch.Tensor:
-        """||z_b||^2 of each block, computed as ``_shift`` computes it."""
-        return _to_host([torch.dot(z, z) for z in (self._noise.noise(b, seed) for b in blocks)])
-
-    def _shift(
-        self, blocks: list[Block], originals: list[torch.Tensor], seed: int, scale: float
-    ) -> torch.Tensor:
-        """Write original + scale * z into each block; returns ||z_b||^2 where a subclass needs it."""
-        norms: list[torch.Tensor] = []
-        for block, original in zip(blocks, originals):
-            z = self._noise.noise(block, seed)
-            if self._needs_noise_norms and scale > 0:
-                norms.append(torch.dot(z, z))
-            target = block.view()
-            if target.dtype == torch.float32:
-                torch.add(original, z, alpha=scale, out=target)
-            else:
-                target.copy_(original.float().add_(z, alpha=scale))
-        return _to_host(norms) if norms else torch.zeros(len(blocks), dtype=torch.float64)
+    def _chunks(self, block: Block) -> list[tuple[int, int]]:
+        """Block-relative pieces of at most ``max_chunk`` elements (whole noise units)."""
+        unit = unit_elements(block)
+        size = max(unit, self.max_chunk // unit * unit)
+        return [(lo, min(lo + size, block.numel)) for lo in range(0, block.numel, size)]
 
     @torch.no_grad()
-    def apply(self, record: StepRecord) -> None:
+    def apply(self, record: StepRecord) -> torch.Tensor:
         """Apply the update a record describes: theta_b -= lr * ((g / pi_b) z_b + wd * theta_b).
 
         Pure in (record, current weights): replaying a run's records from its starting weights
-        rebuilds its final weights bit for bit.
+        rebuilds its final weights bit for bit. Returns ||z_b||^2 of each sampled block (float64)
+        when the optimizer learns from it, zeros otherwise.
         """
+        norms: list[torch.Tensor] = []
         for block_id, pi in zip(record.blocks, record.pi):
             block = self.blocks[block_id]
-            lr = record.lr[block.group]
-            if lr == 0.0:
+            g = block.group
+            lr, decay = record.lr[g], record.lr[g] * record.weight_decay[g]
+            scale = -lr * (record.grad * (record.eps[0] / record.eps[g])) / pi
+            squares = []
+            if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
-            wd = record.weight_decay[block.group]
-            z = self._noise.noise(block, record.seed)
-            target = block.view()
-            work = self._work_view(block)
-            if wd:
-                work.mul_(1.0 - lr * wd)
-            work.add_(z, alpha=-lr * record.grad / pi)
-            if target.dtype == torch.float32:
-                continue  # updated in place
-            if self.rounding == "stochastic":
-                work = round_stochastic(work, target.dtype, self._noise.generator(block, record.seed, salt=1))
-            target.copy_(work)
+            for lo, hi in self._chunks(block):
+                z = self._noise.fill(block, record.seed, lo, hi, self._noise.buffer(hi - lo, block.param.device))
+                if self._needs_noise_norms:
+                    squares.append(torch.dot(z, z))
+                if lr != 0.0:
+                    self._update(block, lo, hi, z, scale, decay, record.seed)
+            if squares:
+                norms.append(squares[0] if len(squares) == 1 else torch.stack(squares).sum())
+        return _to_host(norms) if norms else torch.zeros(len(record.blocks), dtype=torch.float64)
 
-    def _work_view(self, block: Block) -> torch.Tensor:
-        """Where a block's update is computed in fp32: the weights themselves, a temporary upcast,
-        or (``rounding="master"``) the block's slice of its parameter's persistent fp32 master,
-        made from the weights when the parameter is first updated, so replay recreates it."""
-        target = block.view()
+    def _update(self, block: Block, lo: int, hi: int, z: torch.Tensor, scale: float, decay: float, seed: int) -> None:
+        """theta[lo:hi] = (1 - lr wd) theta + scale z, computed in fp32 and stored per ``rounding``."""
+        target = block.view()[lo:hi]
         if target.dtype == torch.float32:
-            return target
-        if self.rounding != "master":
-            return target.float()
+            work = target
+        elif self.rounding == "master":
+            work = self._master(block)[lo:hi]
+        else:
+            work = target.float()
+        if decay:
+            work.mul_(1.0 - decay)
+        work.add_(z, alpha=scale)
+        if work is target:
+            return
+        if self.rounding != "stochastic":
+            target.copy_(work)
+            return
+        unit = unit_elements(block)
+        for a in range(lo, hi, unit):  # rounding bits, like the noise, come per unit
+            b = min(a + unit, hi)
+            gen = self._noise.rounding_generator(block, seed, a // unit)
+            target[a - lo : b - lo].copy_(round_stochastic(work[a - lo : b - lo], target.dtype, gen))
+
+    def _master(self, block: Block) -> torch.Tensor:
+        """The block's slice of its parameter's persistent fp32 master (``rounding="master"``),
+        made from the weights when the parameter is first updated, so replay recreates it."""
         state = self.state[block.param]
         if "master" not in state:
             state["master"] = block.param.detach().float()
