@@ -14,7 +14,8 @@ texts = ["The film was a delight from start to finish.", "A dull, lifeless and o
 batch = tokenizer(texts, return_tensors="pt", padding=True)
 labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
-opt = curvzo.CurvZO(model.parameters(), lr=1e-5, eps=1e-3, dense_below=16384, seed=0)
+# model=: perturb each module only while it runs, so a step needs no copy of the weights
+opt = curvzo.CurvZO(model.parameters(), lr=1e-5, eps=1e-3, dense_below=16384, seed=0, model=model)
 for step in range(int(os.environ.get("STEPS", 20))):
     loss = opt.step(lambda: model(**batch, labels=labels).loss)  # two forwards, under no_grad
     info = opt.last_step
