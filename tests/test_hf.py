@@ -192,3 +192,19 @@ def test_bad_zo_options_fail_when_the_optimizer_is_built(tmp_path: Path) -> None
                         train_dataset=token_dataset(4))
     with pytest.raises(ConfigError, match="pi_floor"):
         trainer.train()
+
+
+def test_untied_embedding_rows_are_drawn_only_for_the_batch_tokens(tmp_path: Path) -> None:
+    trainer = ZOTrainer(model=small("llama"), args=arguments(tmp_path, max_steps=2), train_dataset=token_dataset(4, tokens=64))
+    trainer.train()
+    zo = trainer.zo_optimizer
+    rows = zo.blocks_of(trainer.model.get_input_embeddings().weight)
+    assert len(rows) == VOCAB  # the curvzo preset's one block per embedding row
+    drawn = sorted(set(zo.last_step.record.blocks) & set(rows.tolist()))
+    assert drawn and all(block - int(rows[0]) < 64 for block in drawn)
+
+
+def test_a_tied_embedding_is_one_block(tmp_path: Path) -> None:
+    trainer = ZOTrainer(model=small("opt"), args=arguments(tmp_path, max_steps=1), train_dataset=token_dataset(4))
+    trainer.train()
+    assert len(trainer.zo_optimizer.blocks_of(trainer.model.get_input_embeddings().weight)) == 1
