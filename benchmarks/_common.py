@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from curvzo.io import atomic_write
+from curvzo.model_options import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -47,9 +50,6 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # ------------------------------------------------------------------------------------ files
 def _jsonable(value: Any) -> Any:
@@ -302,3 +302,27 @@ def quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic only
         pass
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op allocates while active (views and in-place results share
+    an input's storage and allocate nothing). Tensors of ``skip_shape`` (e.g. one value per ZO
+    block: per-block statistics, not weights) are left out."""
+
+    def __init__(self, skip_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.skip_shape = skip_shape
+        self.largest_bytes = 0
+        self.largest_numel = 0
+        self.op: Any = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (
+                isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) != self.skip_shape
+                and t.untyped_storage().data_ptr() not in inputs and t.numel() * t.element_size() > self.largest_bytes
+            ):
+                self.largest_bytes, self.largest_numel, self.op = t.numel() * t.element_size(), t.numel(), func
+        return out

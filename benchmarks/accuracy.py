@@ -1,6 +1,6 @@
 """python -m benchmarks.accuracy [--profile quick|cpu|gpu|paper] [--only task=sst2,method=mezo] [--jobs N]
 
-The accuracy benchmark of issue 4: CurvZO against MeZO, uniform-sparse, fixed-budget CurvZO and
+The accuracy benchmark: CurvZO against MeZO, uniform-sparse, fixed-budget CurvZO and
 first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Identical to
 ``curvzo bench ...`` (the grid runner is :mod:`curvzo.bench`); run from the repository root:
 
@@ -9,8 +9,8 @@ first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Id
     python -m benchmarks.accuracy --aggregate-only    # accuracy.json / accuracy.md / figures from finished runs
     python -m benchmarks.accuracy --profile gpu --jobs 12   # 300 steps, on one GPU (~40-60 min on an H200)
 
-Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``,
-``accuracy.json``, ``accuracy.md``, ``accuracy_<task>.png``, ``forward_ratio.png``,
+Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``
+while a run runs, ``runs.tar.gz`` (finished runs' records, packed by the grid's ``pack: true``), ``accuracy.json``, ``accuracy.md``, ``accuracy_<task>.png``, ``forward_ratio.png``,
 ``curvzo_budget.png`` and ``curvzo_scores.png``.
 """
 

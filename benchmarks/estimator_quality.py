@@ -13,7 +13,7 @@ What it does (defaults reproduce ``benchmarks/results/estimator_quality.json`` a
    ``lr=0`` to warm up their scores; then each method takes ``--estimates`` steps with ``lr=0``.
    An estimate is read from the step itself, exactly: ``opt.last_step.record`` gives the sampled
    blocks, their pi and the projected gradient, and a probe standing in for ``opt._noise`` sees
-   each block's noise z_b as the engine draws it, so ghat_b = (grad / pi_b) z_b and
+   each block's noise z_b as the engine draws it (piece by piece), so ghat_b = (grad / pi_b) z_b and
    ||ghat - g||^2, ghat.g and ||ghat||^2 follow from z_b.g_b and ||z_b||^2 without regenerating
    anything. (The weights stay bit-identical: checked at the end of every method.)
 3. The loss the optimizer evaluates. The first ``--real-check`` estimates of every method use the
@@ -232,8 +232,9 @@ def select_methods(names: str | None) -> list[MethodSpec]:
 
 # ======================================================================================== probe
 class NoiseProbe:
-    """Stands in for ``opt._noise``: forwards every draw; on a block's first draw in a step it
-    records z_b . g_b and ||z_b||^2 (the +eps pass, before the engine uses z)."""
+    """Stands in for ``opt._noise``: forwards every draw; the first time a step draws a piece of a
+    block (the +eps pass, before the engine uses z) it adds that piece's z.g and ||z||^2 to the
+    block's z_b.g_b and ||z_b||^2 (later passes redraw the same pieces and are not counted)."""
 
     def __init__(self, inner: Any, grad_views: list[torch.Tensor]) -> None:
         self.inner = inner
@@ -241,23 +242,24 @@ class NoiseProbe:
         self.measure = True
         self.seed: int | None = None
         self.touched: list[Any] = []
+        self.seen: set[tuple[int, int, int]] = set()
         self.zg: dict[int, float] = {}
         self.zz: dict[int, float] = {}
 
-    def __getattr__(self, name: str) -> Any:  # draws, and anything else the engine may read
+    def __getattr__(self, name: str) -> Any:  # draws, buffers, and anything else the engine may read
         return getattr(self.inner, name)
 
-    def noise(self, block: Any, step_seed: int) -> torch.Tensor:
-        z = self.inner.noise(block, step_seed)
+    def fill(self, block: Any, step_seed: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        z = self.inner.fill(block, step_seed, lo, hi, out)
         if step_seed != self.seed:
-            self.seed, self.touched, self.zg, self.zz = step_seed, [], {}, {}
+            self.seed, self.touched, self.seen, self.zg, self.zz = step_seed, [], set(), {}, {}
         if block.index not in self.zg:
             self.touched.append(block)
-            if self.measure:
-                self.zg[block.index] = float(torch.dot(z, self.grad_views[block.index]))
-                self.zz[block.index] = float(torch.dot(z, z))
-            else:
-                self.zg[block.index] = self.zz[block.index] = math.nan
+            self.zg[block.index] = self.zz[block.index] = 0.0 if self.measure else math.nan
+        if self.measure and (block.index, lo, hi) not in self.seen:
+            self.seen.add((block.index, lo, hi))
+            self.zg[block.index] += float(torch.dot(z, self.grad_views[block.index][lo:hi]))
+            self.zz[block.index] += float(torch.dot(z, z))
         return z
 
 
@@ -381,7 +383,7 @@ def run_method(spec: MethodSpec, shared_path: str, args: dict[str, Any]) -> dict
     pi_sum = np.zeros(len(blocks))
     acc = None
     if args["mean_direction"]:
-        from curvzo.optim._blocks import NoiseSource
+        from curvzo.optim._noise import NoiseSource
 
         regen = NoiseSource()
         acc = [torch.zeros(b.numel) for b in blocks]
@@ -416,7 +418,7 @@ def run_method(spec: MethodSpec, shared_path: str, args: dict[str, Any]) -> dict
             fd_checks.append({"g_fd": rec.grad, "g_lin": g_lin, "sd": sd, "dev_over_sd": abs(rec.grad - g_lin) / sd})
         if acc is not None:
             for b, c in zip(ids, coef):
-                acc[b].add_(regen.noise(blocks[b], rec.seed), alpha=float(c))
+                acc[b].add_(regen.fill(blocks[b], rec.seed, 0, blocks[b].numel, torch.empty(blocks[b].numel)), alpha=float(c))
         rows.append({
             "err": err,
             "dot_over_gg": dot / gg,

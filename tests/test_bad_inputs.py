@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from curvzo.cli import main
 
@@ -124,6 +125,31 @@ def test_trajectory_that_is_not_one(tiny_dir, tmp_path, capsys):
     assert main(["replay", str(tiny_dir), str(bogus), "--out", str(tmp_path / "out")]) == 2
     assert "not a curvzo trajectory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_trajectory_of_another_noise_version(tiny_dir, tmp_path, capsys):
+    old = tmp_path / "old.czt"
+    old.write_bytes(b"CURVZO-TRAJECTORY 1\n{}\nS" + bytes(9))
+    assert main(["replay", str(tiny_dir), str(old), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written with noise version 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_noise_version(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
+            "--num-dev", "8", "--num-test", "8", "--batch-size", "4", "--steps", "2", "--eval-every", "2",
+            "--method", "mezo", "--output-dir", str(run), "--no-progress"]
+    assert main(argv) == 0
+    state_file = run / "checkpoint" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["optimizer"]["state"][0]["noise_version"] = 1
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optimizer state was written with noise version 1" in err
 
 
 def test_diverging_lr_stops_with_one_line(tiny_dir, data_dir, tmp_path, capsys):

@@ -55,6 +55,7 @@ BAD_GRIDS = [
     ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "colour": 1}}}, r"methods.mezo`: unknown key\(s\) colour"),
     ({"steps": 0}, r"methods.mezo \(full\): `steps` must be an integer >= 1"),
     ({"methods": {}}, r"`methods` must be a non-empty mapping"),
+    ({"out": None}, r"no results folder: set `out` in the grid or pass one"),
 ]
 
 
@@ -62,6 +63,14 @@ BAD_GRIDS = [
 def test_invalid_grid_raises_one_config_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, **change))
+
+
+def test_the_library_has_no_repository_paths_as_defaults(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["sst2"], "methods": {"mezo": {"lr": {"full": [1e-3]}}}}))
+    grid = load_grid(path, out=tmp_path / "results")
+    assert grid.out == tmp_path / "results" and grid.data_dir is None and grid.model == "smollm2-135m"
+    assert load_grid(SHIPPED).out == Path("benchmarks/results")  # the repository's folder comes from its grid
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
@@ -319,3 +328,68 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_dir, data_dir, tmp_
     report = run_bench(grid, log=lambda line: None)
     assert report.failed == ["sst2/mezo-full-lr1e-3-s0", "sst2/curvzo-full-lr1e-3-s0"]
     assert "RuntimeError: boom" in (plan(grid)[0][0].path / "error.txt").read_text()
+
+
+# ---------------------------------------------------------------------- finished runs packed into runs.tar.gz
+def test_packed_runs_aggregate_exactly_as_their_folders(tmp_path):
+    from curvzo.bench import aggregate, pack
+
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1], methods={"mezo": {"lr": {"full": [1e-5]}},
+                                                                 "curvzo": {"lr": {"full": [1e-5]}}}))
+    runs = {(r.task, r.label, r.seed): r for r in plan(grid)[0]}
+    fake_results(runs["sst2", "mezo", 0].path, best_dev=0.7, test=0.70, evals=[(100, 0.6), (200, 0.7)])
+    fake_results(runs["sst2", "curvzo", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8)], method="curvzo")
+    (runs["sst2", "curvzo", 0].path / "log.jsonl").write_text('{"step": 1, "loss": 0.7, "forward_passes": 8}\n')
+    unfinished = runs["sst2", "mezo", 1].path
+    (unfinished / "checkpoint").mkdir(parents=True)
+    aggregate(grid, log=lambda line: None)
+    before = {name: (grid.out / name).read_bytes() for name in ("accuracy.json", "accuracy.md")}
+
+    packed = pack(grid.out)
+    assert sorted(p.name for p in packed) == ["curvzo-full-lr1e-5-s0", "mezo-full-lr1e-5-s0"]
+    assert not runs["sst2", "mezo", 0].path.exists() and (unfinished / "checkpoint").is_dir()  # a run to resume stays
+    assert runs["sst2", "mezo", 0].done and not runs["sst2", "mezo", 1].done
+    assert runs["sst2", "curvzo", 0].record("log.jsonl") == b'{"step": 1, "loss": 0.7, "forward_passes": 8}\n'
+    aggregate(grid, log=lambda line: None)
+    assert {name: (grid.out / name).read_bytes() for name in before} == before
+    archive = (grid.out / "runs.tar.gz").read_bytes()
+    fake_results(runs["sst2", "mezo", 0].path, best_dev=0.7, test=0.70, evals=[(100, 0.6), (200, 0.7)])  # rerun
+    assert len(pack(grid.out)) == 1 and (grid.out / "runs.tar.gz").read_bytes() == archive  # deterministic bytes
+
+
+def test_a_packed_run_of_another_config_is_refused(tmp_path):
+    from curvzo.bench import pack
+
+    grid = load_grid(write_grid(tmp_path, steps=10))
+    run = plan(grid)[0][1]
+    fake_results(run.path, best_dev=0.5, test=0.5)
+    (run.path / "config.yaml").write_text(yaml.safe_dump({**run.config.to_dict(), "steps": 20}))
+    pack(grid.out)
+    with pytest.raises(ConfigError, match=r"steps: 20 there, 10 in the grid"):
+        run_bench(grid, aggregate_only=True, log=lambda line: None)
+
+
+def test_a_grid_with_pack_runs_resumes_and_skips_from_its_archive(tiny_dir, data_dir, tmp_path):
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, pack=True, zero_shot=False,
+                               methods={"mezo": {"lr": {"full": [1e-3]}}}))
+    report = run_bench(grid, progress=False, log=lambda line: None)
+    assert report.executed == ["sst2/mezo-full-lr1e-3-s0"] and not (grid.out / "runs").exists()
+    again = run_bench(grid, log=lambda line: None)
+    assert again.executed == [] and again.skipped == 1 and again.summary["runs_used"] == 1
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "quick"])
+def test_the_committed_tables_regenerate_from_the_committed_archive(tmp_path, profile):
+    """`curvzo bench --aggregate-only` from the repository root, run on a copy in a temporary folder."""
+    import shutil
+
+    committed = load_grid(SHIPPED, profile).out  # relative to the repository root
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copyfile(REPO / committed / "runs.tar.gz", out / "runs.tar.gz")
+    run_bench(load_grid(SHIPPED, profile, out), aggregate_only=True, log=lambda line: None)
+    for name in ("accuracy.md", "accuracy.json"):
+        text = (out / name).read_text(encoding="utf-8")
+        text = text.replace(f" --out {out}", "" if profile == "cpu" else f" --out {committed}")
+        text = text.replace(str(out), str(committed)).replace(str(SHIPPED), "benchmarks/grids/cpu.yaml")
+        assert text == (REPO / committed / name).read_text(encoding="utf-8"), f"{committed / name} differs"

@@ -113,6 +113,8 @@ BAD = [
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--objective", "f1", "--method", "adamw"], "not differentiable"),
     (["--set", "optimizer_options={sampling: random}"], "sampling"),
+    (["--optimizer-options", "{sampling: random}"], "sampling"),
+    (["--embedding-rows", "maybe"], "expected true or false, got 'maybe'"),
 ]
 
 
@@ -187,3 +189,18 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and "Traceback" not in err and err == ""
+
+
+def test_every_config_field_is_a_train_flag_with_its_help_and_default(capsys):
+    from dataclasses import fields
+
+    from curvzo.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for spec in fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        assert f"{flag} {spec.name.upper()} {' '.join(spec.metadata['help'].split())}" in text
+    assert "--steps STEPS optimizer steps (default: 200)" in text
+    assert "--optimizer-options OPTIMIZER_OPTIONS extra ZO optimizer options (default: {})" in text

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import curvzo
 from curvzo.cli import main
 
 STEPS = 8
@@ -50,7 +51,8 @@ def _assert_same(weights: dict[str, torch.Tensor], reference: dict[str, torch.Te
 @pytest.mark.parametrize("kill_after", [2, 5])
 def test_sigkill_then_resume_is_bit_identical(tiny_dir, data_dir, tmp_path, reference, kill_after):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # The child imports the curvzo under test (not another installed copy) and tests/tiny.py.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(curvzo.__file__).parents[1]), str(Path(__file__).parent)])}
     proc = subprocess.Popen([sys.executable, "-m", "curvzo.cli", *_argv(tiny_dir, data_dir, run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

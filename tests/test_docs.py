@@ -1,4 +1,4 @@
-"""docs/api.md against the code: the documented defaults and CLI flags are the real ones.
+"""docs/api.md against the code: the documented options and defaults are the real ones.
 
 Each table under a ``<!-- defaults: module.Class -->`` marker must list exactly the options of
 that class (for a dataclass, the fields it adds to its dataclass bases) with their defaults as
@@ -59,9 +59,3 @@ def test_documented_defaults_match_the_code(path: str) -> None:
         assert value == actual[option] and type(value) is type(actual[option]), (
             f"{path}.{option}: documented {cell}, code {actual[option]!r}")
 
-
-def test_documented_cli_flags_are_the_cli_flags() -> None:
-    from curvzo.cli import _FLAGS
-
-    listed = re.search(r"The flags of `curvzo train` are.*?:\n(.*?)\.\n", API, re.S).group(1)
-    assert re.findall(r"`(--[\w-]+)`", listed) == list(_FLAGS)

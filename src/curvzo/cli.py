@@ -17,30 +17,21 @@ failures during training keep their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TrainConfig, load_config, parse_overrides
+import yaml
+
+from .config import TrainConfig, load_config, load_yaml, parse_overrides
 from .errors import ConfigError, CurvzoError
 
 __all__ = ["main"]
-
-# CLI flag -> TrainConfig field; flags given on the command line win over the config file.
-_FLAGS = {
-    "--model": ("model", str), "--gguf-file": ("gguf_file", str), "--task": ("task", str),
-    "--data-dir": ("data_dir", str), "--method": ("method", str), "--peft": ("peft", str),
-    "--steps": ("steps", int), "--lr": ("lr", float), "--eps": ("eps", float),
-    "--weight-decay": ("weight_decay", float), "--batch-size": ("batch_size", int), "--seed": ("seed", int),
-    "--eval-every": ("eval_every", int), "--num-train": ("num_train", int), "--num-dev": ("num_dev", int),
-    "--num-test": ("num_test", int), "--max-length": ("max_length", int), "--output-dir": ("output_dir", str),
-    "--dtype": ("dtype", str), "--objective": ("objective", str), "--rounding": ("rounding", str),
-    "--device": ("device", str),
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other input error
@@ -55,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for flag, (name, kind) in _FLAGS.items():
-        help_text = f"one of {', '.join(METHODS)}" if name == "method" else None
-        train.add_argument(flag, dest=name, type=kind, help=help_text)
+    _add_config_flags(train)
     evaluate = sub.add_parser("eval", help="dev and test metric of a run's best weights")
     evaluate.add_argument("run_dir")
     plot = sub.add_parser("plot", help="re-draw figures from run folders")
@@ -83,11 +72,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag-name`` per TrainConfig field, typed by its annotation, helped by its metadata.
+
+    The flags default to None, so only what is given on the command line overrides the config
+    file; the help shows the field's own default.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        text = spec.metadata.get("help", "")
+        if default is not None:
+            text += f" (default: {default})"
+        parser.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, type=_flag_type(hints[spec.name]),
+                            help=text.replace("%", "%%"))
+
+
+def _flag_type(hint: Any) -> Callable[[str], Any]:
+    """How a flag's text becomes the field's value: int and float as such, a bool or a mapping as
+    YAML (``--embedding-rows true``, ``--optimizer-options '{pi_floor: 0.05}'``), anything else text."""
+    kinds = set(typing.get_args(hint) or (hint,)) - {type(None)}
+    if kinds == {int}:
+        return int
+    if kinds == {float}:
+        return float
+    if kinds == {bool}:
+        return _yaml_of(bool, "true or false")
+    if kinds == {dict}:
+        return _yaml_of(dict, "a mapping such as {key: value}")
+    return str
+
+
+def _yaml_of(kind: type, expected: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = load_yaml(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _train(args: argparse.Namespace) -> None:
     from .finetune import train
 
     _quiet_libraries()
-    overrides: dict[str, Any] = {name: getattr(args, name) for name, _ in _FLAGS.values()}
+    overrides: dict[str, Any] = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)}
     overrides.update(_nested(parse_overrides(args.set)))
     if args.resume:
         config_file = Path(args.resume) / "config.yaml"

@@ -7,8 +7,8 @@ one :class:`~curvzo.errors.ConfigError` before anything heavy (a model) is loade
 
 from __future__ import annotations
 
-import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,16 +17,25 @@ import torch
 import yaml
 
 from .errors import ConfigError
+from .model_options import DTYPES, PEFT_MODES
+from .optim import PRESETS
+from .optim._validate import is_int, is_real
+from .optim.optimizer import ROUNDINGS as ENGINE_ROUNDINGS
 
-__all__ = ["TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "DEFAULT_LR", "load_config", "parse_overrides", "read_yaml_mapping"]
+__all__ = [
+    "TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "ROUNDINGS", "DEFAULT_LR", "load_config", "load_yaml",
+    "parse_overrides", "read_yaml_mapping",
+]
 
-ZO_METHODS = ("curvzo", "curvzo-ref", "mezo", "uniform-sparse", "curvzo-fixed")
-FO_METHODS = ("adamw", "sgd")
+#: ZO methods are the engine's named presets; first-order baselines are built by the loop.
+ZO_METHODS: tuple[str, ...] = tuple(PRESETS)
+FO_METHODS: tuple[str, ...] = ("adamw", "sgd")
 METHODS = ZO_METHODS + FO_METHODS
-PEFT_MODES = ("none", "lora", "prefix")
-DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("loss", "accuracy", "f1")
-ROUNDINGS = ("master", "stochastic", "nearest")
+#: The engine's roundings, the harness default first (in help and errors): bf16/fp16 runs keep
+#: fp32 master copies unless told otherwise.
+DEFAULT_ROUNDING = "master"
+ROUNDINGS: tuple[str, ...] = (DEFAULT_ROUNDING, *(r for r in ENGINE_ROUNDINGS if r != DEFAULT_ROUNDING))
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -46,7 +55,7 @@ class TrainConfig:
     task: Any = field(default="mr", metadata=_help("registered task name or a task definition mapping"))
     data_dir: str | None = field(default=None, metadata=_help("folder of <task>/*.jsonl files (else hub)"))
     method: str = field(default="curvzo", metadata=_help(f"one of {', '.join(METHODS)}"))
-    peft: str = field(default="none", metadata=_help("none | lora | prefix"))
+    peft: str = field(default="none", metadata=_help(" | ".join(PEFT_MODES)))
     steps: int = field(default=200, metadata=_help("optimizer steps"))
     lr: float | None = field(default=None, metadata=_help("learning rate (default: per method, DEFAULT_LR)"))
     eps: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
@@ -59,12 +68,13 @@ class TrainConfig:
     num_dev: int = field(default=200, metadata=_help("dev examples drawn from the train split"))
     num_test: int = field(default=500, metadata=_help("test examples drawn from the validation split"))
     max_length: int = field(default=128, metadata=_help("token cap per sequence (prompts cut from the left)"))
-    dtype: str = field(default="float32", metadata=_help("float32 | bfloat16 | float16"))
-    objective: str = field(default="loss", metadata=_help("loss | accuracy | f1 (ZO methods only)"))
+    dtype: str = field(default="float32", metadata=_help(" | ".join(DTYPES)))
+    objective: str = field(default="loss", metadata=_help(f"{' | '.join(OBJECTIVES)} (ZO methods only)"))
     rounding: str = field(
-        default="master",
-        metadata=_help("ZO updates of bf16/fp16 weights: master (fp32 master copies: follows fp32, +4 B per weight) | "
-                       "stochastic (unbiased, no memory, random walk) | nearest (drops small updates)"),
+        default=DEFAULT_ROUNDING,
+        metadata=_help(f"ZO updates of bf16/fp16 weights: {' | '.join(ROUNDINGS)}. master keeps fp32 master copies "
+                       "(follows fp32, +4 B per weight); stochastic is unbiased with no memory (a random walk); "
+                       "nearest drops updates below half an ulp"),
     )
     device: str = field(
         default="auto",
@@ -102,20 +112,20 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", tuple(DTYPES)), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value, minimum=1):
                 out.append(f"`{name}` must be an integer >= 1, got {value!r}")
         if self.lr is not None and not _positive(self.lr):
             out.append(f"`lr` must be a finite number > 0, got {self.lr!r}")
         if not _positive(self.eps):
             out.append(f"`eps` must be a finite number > 0, got {self.eps!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            out.append(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_real(self.weight_decay, lo=0):
+            out.append(f"`weight_decay` must be a finite number >= 0, got {self.weight_decay!r}")
+        if not is_int(self.seed):
             out.append(f"`seed` must be an integer, got {self.seed!r}")
         if self.objective != "loss" and self.method in FO_METHODS:
             out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
@@ -131,7 +141,7 @@ class TrainConfig:
 
     def comparable(self) -> dict[str, Any]:
         """``to_dict`` without settings that cannot change this run (rounding of fp32 weights), so a
-        resume or a benchmark grid does not refuse a run over a default that changed since."""
+        resume or a benchmark grid compares only what the run's weights depend on."""
         out = self.to_dict()
         if self.dtype == "float32":
             out.pop("rounding")
@@ -158,14 +168,29 @@ def _device_problems(device: Any) -> list[str]:
 
 
 def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    return is_real(x) and x > 0
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float: YAML 1.1 wants a dot (``1.0e-5``), and a
+    learning rate written the usual way would otherwise arrive as the string ``"1e-5"``."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as curvzo reads every config, grid and override (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else None
+    return key.strip(), load_yaml(raw) if raw else None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -178,23 +203,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for key in ("lr", "eps", "weight_decay"):  # YAML reads 1e-5 as a string
-        if isinstance(values.get(key), str):
-            values[key] = _number(key, values[key])
     return TrainConfig(**values)
-
-
-def _number(key: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"`{key}` must be a number, got {raw!r}") from None
 
 
 def read_yaml_mapping(path: Path, kind: str = "config file", expect: str = "a mapping of keys to values") -> dict[str, Any]:
     """A YAML file that must hold a mapping (an empty file is an empty one); errors name ``kind``."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{kind} not found: {path}") from None
     except yaml.YAMLError as err:

@@ -333,7 +333,10 @@ def _checkpoint_state(state: TrainState, optimizer: torch.optim.Optimizer) -> di
 def _restore(run: RunDir, named: list, optimizer: torch.optim.Optimizer) -> TrainState:
     weights, saved = run.load_checkpoint()
     _load_weights(named, weights)
-    optimizer.load_state_dict(saved["optimizer"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as err:  # e.g. a state whose noise this engine cannot continue
+        raise CheckpointError(f"cannot resume {run.path}: {err}") from None
     state = TrainState(**saved["train_state"])
     run.truncate_log(state.step)
     return state

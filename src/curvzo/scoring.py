@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError, ModelError
 from curvzo.optim import read_rows
+from curvzo.optim._validate import is_int
 
 __all__ = [
     "check_fits",
@@ -552,7 +553,7 @@ def generate_answers(
         max_length (int, optional): prompts are cut from the left to ``max_length -
             max_new_tokens`` tokens (default: no limit beyond the model's context).
     """
-    if max_new_tokens < 1:
+    if not is_int(max_new_tokens, minimum=1):
         raise ConfigError(f"Invalid max_new_tokens: {max_new_tokens}; must be at least 1")
     limit = max_length if max_length is not None else _context_length(model)
     if limit is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks._common import LargestAllocation
 from curvzo import scoring
 from curvzo.optim import MeZO, build_optimizer
 from curvzo.tasks import Example
@@ -121,29 +121,6 @@ def test_a_closure_that_raises_leaves_the_model_as_it_was():
         assert "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
 
 
-class _Largest(TorchDispatchMode):
-    """The largest floating tensor any op allocates (views and in-place results share an input's
-    storage and allocate nothing), except per-block statistics (one value per block)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        super().__init__()
-        self.num_blocks = num_blocks
-        self.largest = 0
-        self.op = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        storages = {a.untyped_storage().data_ptr() for a in inputs}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if (
-                isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) != (self.num_blocks,)
-                and t.untyped_storage().data_ptr() not in storages and t.numel() > self.largest
-            ):
-                self.largest, self.op = t.numel(), func
-        return out
-
-
 @pytest.mark.parametrize("method,row_blocks", [("mezo", False), ("curvzo-ref", False), ("curvzo", True)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_step_allocates_at_most_one_chunk_or_one_module(method, row_blocks, tied):
@@ -164,6 +141,6 @@ def test_a_step_allocates_at_most_one_chunk_or_one_module(method, row_blocks, ti
     loss = _label_loss(model, batch)
     for _ in range(3):
         active = _active(opt, model, batch) if row_blocks else None
-        with _Largest(len(opt.blocks)) as seen:
+        with LargestAllocation(skip_shape=(len(opt.blocks),)) as seen:
             opt.step(loss, active=active)
-        assert 0 < seen.largest <= bound, (seen.largest, seen.op, bound)
+        assert 0 < seen.largest_numel <= bound, (seen.largest_numel, seen.op, bound)

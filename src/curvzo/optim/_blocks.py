@@ -22,13 +22,15 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class Block:
-    """One perturbation unit: elements ``[start, end)`` of ``param.view(-1)``."""
+    """One perturbation unit: elements ``[start, end)`` of ``param.view(-1)``; a parameter's blocks
+    all span ``span`` elements (its last may be shorter), so element i lies in block i // span."""
 
     index: int
     group: int
     param: torch.Tensor
     start: int
     end: int
+    span: int
 
     @property
     def numel(self) -> int:
@@ -68,7 +70,7 @@ def build_blocks(param_groups: list[dict]) -> list[Block]:
                 raise ValueError("ZO optimizers need contiguous parameters (blocks are slices of storage)")
             step = _chunk_elements(p, block_size)
             for start in range(0, p.numel(), step):
-                blocks.append(Block(len(blocks), g, p, start, min(start + step, p.numel())))
+                blocks.append(Block(len(blocks), g, p, start, min(start + step, p.numel()), step))
     return blocks
 
 

@@ -36,7 +36,8 @@ Noise = Literal["gaussian", "rademacher"]
 NOISES: tuple[str, ...] = get_args(Noise)
 
 _MASK64 = (1 << 64) - 1
-_BITS = torch.arange(8, dtype=torch.uint8)
+#: Row v holds the eight signs that the bits of byte v stand for: one random byte, eight elements.
+_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2.0 - 1.0
 
 
 def unit_elements(block: Block) -> int:
@@ -84,11 +85,14 @@ def _draw(out: torch.Tensor, gen: torch.Generator, noise: Noise) -> None:
     if noise == "gaussian":
         out.normal_(generator=gen)
         return
-    # Rademacher: one random byte gives eight signs.
+    # Rademacher: one random byte gives eight signs, looked up in a table.
     n = out.numel()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=out.device).random_(generator=gen)
-    bits = packed.unsqueeze(1).bitwise_right_shift(_BITS.to(out.device)).bitwise_and_(1).view(-1)[:n]
-    out.copy_(bits).mul_(2.0).sub_(1.0)
+    signs = _SIGNS.to(out.device)
+    if n % 8 == 0:
+        torch.index_select(signs, 0, packed.int(), out=out.view(-1, 8))
+    else:
+        out.copy_(signs[packed.long()].view(-1)[:n])
 
 
 class NoiseSource:

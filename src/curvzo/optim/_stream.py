@@ -70,23 +70,30 @@ class Perturbation:
     def rows(self, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Perturbed ``param[rows]`` (indices along dim 0, any shape), drawing noise only for the
         units holding those rows."""
-        unique, inverse = torch.unique(rows.flatten(), return_inverse=True)
+        unique, inverse = torch.unique(rows.flatten(), return_inverse=True)  # sorted
         row = param.numel() // param.shape[0]
         table = param.detach().view(param.shape[0], row)[unique].float()  # a gather: already a copy
-        for block, scale in self._by_param.get(id(param), ()):
-            first, end = block.start // row, block.end // row
-            inside = ((unique >= first) & (unique < end)).nonzero().flatten()
-            if inside.numel() == 0:
-                continue
-            rows_per_unit = unit_elements(block) // row
-            local = unique[inside] - first
-            units = torch.div(local, rows_per_unit, rounding_mode="floor")
-            for u in torch.unique(units).tolist():
-                mine = units == u
-                lo = u * rows_per_unit * row
-                hi = min(lo + rows_per_unit * row, block.numel)
-                z = self.noise.fill(block, self.seed, lo, hi, self.noise.buffer(hi - lo, table.device)).view(-1, row)
-                table[inside[mine]] += scale * z[local[mine] - u * rows_per_unit]
+        sampled = self._by_param.get(id(param))
+        if sampled:
+            first = sampled[0][0]
+            by_start = {block.start: (block, scale) for block, scale in sampled}
+            span, unit = first.span // row, unit_elements(first) // row  # rows per block, per unit
+            per_block = span // unit + 1
+            # Sorted rows fall into consecutive (block, unit) groups: one noise unit per group.
+            block_of = torch.div(unique, span, rounding_mode="floor")
+            unit_of = torch.div(unique - block_of * span, unit, rounding_mode="floor")
+            keys, counts = torch.unique_consecutive(block_of * per_block + unit_of, return_counts=True)
+            start = 0
+            for key, count in zip(keys.tolist(), counts.tolist()):
+                b, u = divmod(key, per_block)
+                entry = by_start.get(b * span * row)
+                if entry is not None:
+                    block, scale = entry
+                    lo = u * unit * row
+                    hi = min(lo + unit * row, block.numel)
+                    z = self.noise.fill(block, self.seed, lo, hi, self.noise.buffer(hi - lo, table.device)).view(-1, row)
+                    table[start : start + count] += scale * z[unique[start : start + count] - b * span - u * unit]
+                start += count
         return table.to(param.dtype)[inverse].view(*rows.shape, *param.shape[1:])
 
 

@@ -16,10 +16,11 @@ from importlib import resources
 from typing import Any
 
 from curvzo.errors import ConfigError, UnknownTaskError
-from curvzo.tasks.task import Example, TaskConfig, TaskFunction, TaskLoader, load_task_yaml
+from curvzo.tasks.task import Example, Holdout, TaskConfig, TaskFunction, TaskLoader, load_task_yaml
 
 __all__ = [
     "Example",
+    "Holdout",
     "TaskConfig",
     "TaskFunction",
     "TaskLoader",

@@ -2,7 +2,9 @@
 
 A task is data, as in lm-evaluation-harness: a YAML file fills a :class:`TaskConfig`, whose three
 ``doc_to_*`` fields are a template, a field name, a list, or a ``!function`` reference to
-``curvzo/tasks/utils.py`` for the few prompts a template cannot express. Rendering is strict: a
+``curvzo/tasks/utils.py`` for the few prompts a template cannot express. What a source needs
+beyond the common layout is data too: a ``holdout`` for a folder without an official test split,
+and ``expand`` / ``adapter`` / ``fetch`` functions from ``curvzo/tasks/sources.py``. Rendering is strict: a
 template field missing from a document raises :class:`~curvzo.errors.DataError` naming the field
 instead of producing a silently wrong prompt.
 """
@@ -14,16 +16,18 @@ import importlib
 import re
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Literal, get_args
 
 import yaml
 
 from curvzo.errors import ConfigError, DataError
+from curvzo.optim._validate import is_int, is_real
 
 __all__ = [
     "Example",
+    "Holdout",
     "METRICS",
     "OUTPUT_TYPES",
     "TaskConfig",
@@ -37,7 +41,8 @@ Metric = Literal["accuracy", "f1"]
 OUTPUT_TYPES: tuple[str, ...] = get_args(OutputType)
 METRICS: tuple[str, ...] = get_args(Metric)
 FUNCTION_TAG = "!function"
-_UTILS_PREFIX = "utils."
+#: ``!function <module>.<name>`` with one of these modules refers to ``curvzo.tasks.<module>``.
+_TASK_MODULES = ("utils", "sources")
 _DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 
 Doc = Mapping[str, Any]
@@ -63,26 +68,26 @@ class Example:
 class TaskFunction:
     """A callable named by ``!function <ref>``; it keeps ``ref`` so ``to_dict()`` round-trips.
 
-    ``utils.name`` refers to :mod:`curvzo.tasks.utils`; any other dotted path (``pkg.mod.name``)
-    is imported, so a user's own task can bring its own prompt code.
+    ``utils.name`` and ``sources.name`` refer to :mod:`curvzo.tasks.utils` and
+    :mod:`curvzo.tasks.sources`; any other dotted path (``pkg.mod.name``) is imported, so a
+    user's own task can bring its own code.
     """
 
     ref: str
-    fn: Callable[[Doc], Any] = field(repr=False, compare=False)
+    fn: Callable[..., Any] = field(repr=False, compare=False)
 
-    def __call__(self, doc: Doc) -> Any:
-        return self.fn(doc)
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
 
     @classmethod
     def resolve(cls, ref: str) -> TaskFunction:
         """Look ``ref`` up now, so a typo fails when the task is defined, not mid-training."""
         ref = ref.strip()
-        if ref.startswith(_UTILS_PREFIX):
-            module_name, attr = "curvzo.tasks.utils", ref[len(_UTILS_PREFIX) :]
-        else:
-            module_name, _, attr = ref.rpartition(".")
+        module_name, _, attr = ref.rpartition(".")
+        if module_name in _TASK_MODULES:
+            module_name = f"curvzo.tasks.{module_name}"
         if not module_name or not attr:
-            raise ConfigError(f"`{FUNCTION_TAG} {ref}`: expected `utils.<name>` or `package.module.<name>`")
+            raise ConfigError(f"`{FUNCTION_TAG} {ref}`: expected `utils.<name>`, `sources.<name>` or `package.module.<name>`")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -101,6 +106,35 @@ def _as_spec(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(FUNCTION_TAG + " "):
         return TaskFunction.resolve(value[len(FUNCTION_TAG) :])
     return value
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A local folder with one file and no official split: whole groups go to the test pool.
+
+    Grouping (by article, passage or sentence) keeps any text out of both pools; the share is
+    drawn with a fixed seed, so no seed's train pool overlaps another seed's test pool.
+    """
+
+    file: str
+    group_by: str
+    test_fraction: float
+
+    @classmethod
+    def parse(cls, task: str, value: Any) -> Holdout:
+        keys = {"file", "group_by", "test_fraction"}
+        if isinstance(value, Holdout):
+            return value
+        if not isinstance(value, Mapping) or set(value) != keys:
+            raise ConfigError(f"task `{task}`: `holdout` must be {{file, group_by, test_fraction}}, got {value!r}")
+        if not isinstance(value["file"], str) or not value["file"].endswith(".jsonl"):
+            raise ConfigError(f"task `{task}`: `holdout.file` must name a .jsonl file, got {value['file']!r}")
+        if not isinstance(value["group_by"], str) or not value["group_by"]:
+            raise ConfigError(f"task `{task}`: `holdout.group_by` must be a field name, got {value['group_by']!r}")
+        fraction = value["test_fraction"]
+        if not (is_real(fraction, lo=0.0, hi=1.0, hi_open=True) and fraction > 0):
+            raise ConfigError(f"task `{task}`: `holdout.test_fraction` must be in (0, 1), got {fraction!r}")
+        return cls(value["file"], value["group_by"], float(fraction))
 
 
 def _template_fields(template: str) -> list[str]:
@@ -171,6 +205,27 @@ class TaskConfig:
         default=None,
         metadata={"help": "User task files, `{train: path, test: path}`, JSONL or CSV; overrides hub."},
     )
+    holdout: Holdout | None = field(
+        default=None,
+        metadata={
+            "help": "`{file, group_by, test_fraction}`: when the local folder has no `<train_split>.jsonl`, "
+            "read `file` and hold out that fraction of its `group_by` values as the test pool."
+        },
+    )
+    expand: TaskFunction | None = field(
+        default=None,
+        metadata={"help": "`!function`: one row of a local JSONL file -> the list of documents it holds."},
+    )
+    adapter: TaskFunction | None = field(
+        default=None, metadata={"help": "`!function`: one hub row -> the document the task reads."}
+    )
+    fetch: TaskFunction | None = field(
+        default=None,
+        metadata={
+            "help": "`!function`: builds the local files when there is no hub source and no data dir; "
+            "returns the path of the file it built, `<data dir>/<local_dir>/<file>`."
+        },
+    )
     # --- bookkeeping ----------------------------------------------------------------------
     version: int = field(
         default=1, metadata={"help": "Bumped whenever the prompt or scoring changes (`metadata.version`)."}
@@ -183,7 +238,7 @@ class TaskConfig:
         self._check_name()
         self._check_prompt()
         self._check_data()
-        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 0:
+        if not is_int(self.version, minimum=0):
             raise ConfigError(f"task `{self.name}`: `version` must be a non-negative integer, got {self.version!r}")
         choices = self.doc_to_choice
         object.__setattr__(self, "num_labels", len(choices) if isinstance(choices, tuple) else None)
@@ -250,6 +305,13 @@ class TaskConfig:
                 raise ConfigError(f"task `{self.name}`: `{key}` must be a non-empty string")
         if self.data_files is not None:
             object.__setattr__(self, "data_files", self._checked_data_files())
+        if self.holdout is not None:
+            object.__setattr__(self, "holdout", Holdout.parse(self.name, self.holdout))
+        for key in ("expand", "adapter", "fetch"):
+            hook = _as_spec(getattr(self, key))
+            if hook is not None and not isinstance(hook, TaskFunction):
+                raise ConfigError(f"task `{self.name}`: `{key}` must be a `!function`, got {hook!r}")
+            object.__setattr__(self, key, hook)
 
     def _checked_data_files(self) -> dict[str, str]:
         files = self.data_files
@@ -323,7 +385,7 @@ class TaskConfig:
         label = self._value(self.doc_to_target, doc)
         if isinstance(label, str) and label.strip().lstrip("-").isdigit():
             label = int(label)  # CSV files hold every value as text
-        if not isinstance(label, int):
+        if not is_int(label):
             raise DataError(f"task `{self.name}`: label {label!r} is not an integer index into the choices")
         if not 0 <= label < num_choices:
             raise DataError(f"label {label} outside the {num_choices} choices of task `{self.name}`")
@@ -346,6 +408,8 @@ class TaskConfig:
             value = getattr(self, f.name)
             if isinstance(value, TaskFunction):
                 value = f"{FUNCTION_TAG} {value.ref}"
+            elif isinstance(value, Holdout):
+                value = asdict(value)
             elif isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, dict):

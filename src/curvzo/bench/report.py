@@ -1,0 +1,396 @@
+"""Aggregation of a grid's finished runs: ``accuracy.json``, ``accuracy.md`` and figures.
+
+Learning rates are selected on dev: per (task, method, mode) the lr with the best mean dev
+accuracy (each run's best dev, the weights its test score comes from) over the seeds that every
+lr has, ties to the smaller lr. Differences are in points (100 x metric); the forward ratio
+compares seed-averaged dev curves of the selected lrs. A partial grid aggregates what is finished.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ..config import FO_METHODS, ZO_METHODS
+from ..io import atomic_write, write_json, write_text
+from .grid import ZERO_SHOT, Grid, format_lr, select_lr
+from .runs import all_runs, training_run
+from .store import RECORDS
+
+__all__ = ["TARGETS", "aggregate", "forward_to_reach", "summarize"]
+
+#: The project's targets for CurvZO against MeZO: points gained, share of tasks won, and forward
+#: passes to reach MeZO's final dev accuracy (reported next to the measured numbers).
+TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4}
+
+
+def forward_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Forward passes at which ``curve`` ([(forward_passes, dev)], increasing x) first reaches
+    ``target``, linearly interpolated between evaluations; None if it never does."""
+    previous = None
+    for x, y in curve:
+        if y >= target - 1e-12:
+            if previous is None:
+                return float(x)
+            x0, y0 = previous
+            return x0 + (target - y0) / (y - y0) * (x - x0)
+        previous = (x, y)
+    return None
+
+
+def _mean_curve(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Seed-averaged dev curve, zero-shot at 0 forward passes, over the evaluations all seeds have."""
+    curves = [[(0, r["zero_shot"])] + [(e["forward_passes"], e["dev"]) for e in r.get("evals", [])] for r in results]
+    length = min(len(c) for c in curves)
+    return [(statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(length)]
+
+
+def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dev-selected lr of one (task, method, mode) and its test mean +- std over seeds."""
+    by_lr: dict[float, dict[int, dict]] = {}
+    for rec in records:
+        by_lr.setdefault(rec["lr"], {})[rec["seed"]] = rec["results"]
+    common = set.intersection(*(set(seeds) for seeds in by_lr.values()))
+    on = {lr: sorted(common) if common else sorted(seeds) for lr, seeds in by_lr.items()}
+    dev = {lr: [by_lr[lr][s]["best_dev"] for s in on[lr]] for lr in by_lr}
+    best = select_lr(dev)
+    chosen = [by_lr[best][s] for s in sorted(by_lr[best])]
+    tests = [r["test"] for r in chosen]
+    curve = _mean_curve(chosen)
+    return {
+        "lr": best, "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
+        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(by_lr[best]),
+        "tests": tests, "forward_passes": curve[-1][0] if curve else None, "curve": [list(p) for p in curve],
+        "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr]}
+                          for lr in sorted(by_lr)],
+    }
+
+
+def summarize(
+    records: list[dict[str, Any]],
+    zero_shot: list[dict[str, Any]],
+    *,
+    tasks: Iterable[str],
+    method: str = "curvzo",
+    baseline: str = "mezo",
+    mode: str = "full",
+    zo_labels: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Per-task rows and the summary, from finished runs.
+
+    ``records``: ``{"task", "label", "mode", "lr", "seed", "results"}`` with ``results`` a run's
+    results.json; ``zero_shot``: ``{"task", "seed", "results"}``. Differences are in points
+    (100 x metric); the forward ratio compares seed-averaged dev curves of the selected lrs.
+    """
+    zo = set(zo_labels) if zo_labels is not None else {r["label"] for r in records if r["results"]["method"] in ZO_METHODS}
+    rows = []
+    for task in tasks:
+        cells: dict[str, dict[str, dict]] = {}
+        grouped: dict[tuple[str, str], list] = {}
+        for rec in records:
+            if rec["task"] == task:
+                grouped.setdefault((rec["label"], rec["mode"]), []).append(rec)
+        for (label, m), recs in grouped.items():
+            cells.setdefault(label, {})[m] = _cell(recs)
+        zs = [{**z["results"], "seed": z["seed"]} for z in zero_shot if z["task"] == task]
+        metric = next((r["results"]["metric"] for r in records if r["task"] == task), zs[0]["metric"] if zs else None)
+        row: dict[str, Any] = {"task": task, "metric": metric, "methods": cells, "zero_shot": None}
+        if zs:
+            tests = [z["test"] for z in zs]
+            row["zero_shot"] = {
+                "dev_mean": statistics.fmean(z["dev"] for z in zs), "test_mean": statistics.fmean(tests),
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(z["seed"] for z in zs),
+            }
+        base = cells.get(baseline, {}).get(mode)
+        if base and base["curve"]:
+            target, budget = base["curve"][-1][1], base["curve"][-1][0]
+            row["baseline_final_dev"], row["baseline_forward_passes"] = target, budget
+            row["baseline_improved"] = target > base["curve"][0][1]
+            row["forward_to_baseline_final"] = {}
+            row["forward_ratio_to_baseline_final"] = {}
+            # The denominator is where the baseline itself first reaches its final accuracy, not its
+            # budget: a baseline curve that peaks early would otherwise make anyone look faster.
+            own = forward_to_reach([tuple(p) for p in base["curve"]], target)
+            for label, by_mode in cells.items():
+                if label in zo and mode in by_mode and by_mode[mode]["curve"]:
+                    reach = forward_to_reach([tuple(p) for p in by_mode[mode]["curve"]], target)
+                    row["forward_to_baseline_final"][label] = reach
+                    if row["baseline_improved"]:
+                        row["forward_ratio_to_baseline_final"][label] = None if reach is None else reach / own
+        rows.append(row)
+    per_method = {}
+    for label in dict.fromkeys(r["label"] for r in records):
+        if label != baseline:
+            per_method[label] = _versus(rows, label, baseline, mode)
+    head = per_method.get(method) or _versus(rows, method, baseline, mode)
+    diff, total, ratio = head["minus_baseline_mean"], head["tasks_total"], head["forward_ratio_median"]
+    summary = {
+        "method": method, "baseline": baseline, "mode": mode,
+        "curvzo_minus_mezo_mean": head["minus_baseline_mean"], "tasks_won": head["tasks_won"],
+        "tasks_total": head["tasks_total"], "forward_ratio_to_mezo_final": head["forward_ratio_median"],
+        "forward_ratio_reached": head["forward_ratio_reached"], "forward_ratio_tasks": head["forward_ratio_tasks"],
+        "per_task": head["per_task"],
+        "methods": per_method, "targets": TARGETS,
+        "targets_met": {
+            "minus_baseline_points": diff is not None and diff >= TARGETS["minus_baseline_points"],
+            "tasks_won_fraction": total > 0 and head["tasks_won"] >= TARGETS["tasks_won_fraction"] * total,
+            "forward_ratio": ratio is not None and ratio <= TARGETS["forward_ratio"],
+        },
+    }
+    return {"summary": summary, "tasks": rows}
+
+
+def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str, Any]:
+    """``label`` against ``baseline`` in ``mode``, over the tasks where both have results."""
+    per_task, diffs, ratios = {}, [], []
+    for row in rows:
+        ours, theirs = row["methods"].get(label, {}).get(mode), row["methods"].get(baseline, {}).get(mode)
+        if not ours or not theirs:
+            continue
+        diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
+        ratio = row.get("forward_ratio_to_baseline_final", {}).get(label, "n/a")
+        per_task[row["task"]] = {"minus_baseline": diff, "won": diff > 0, "forward_ratio": None if ratio == "n/a" else ratio,
+                                 "reached": None if ratio == "n/a" else ratio is not None,
+                                 "baseline_improved": row.get("baseline_improved")}
+        diffs.append(diff)
+        if ratio != "n/a" and row.get("baseline_improved") is not False:  # else "reaching" it is free: no signal
+            ratios.append(math.inf if ratio is None else ratio)
+    median = statistics.median(ratios) if ratios else None
+    return {
+        "minus_baseline_mean": statistics.fmean(diffs) if diffs else None,
+        "tasks_won": sum(d > 0 for d in diffs), "tasks_total": len(diffs),
+        "forward_ratio_median": None if median is None or math.isinf(median) else median,
+        "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "forward_ratio_tasks": len(ratios),
+        "per_task": per_task,
+    }
+
+
+def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
+    """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
+    records, zero_shot, used = [], [], []
+    for run in all_runs(grid):
+        if not run.done:
+            continue
+        results = run.results()
+        if run.label == ZERO_SHOT:
+            zero_shot.append({"task": run.task, "seed": run.seed, "results": results})
+            continue
+        records.append({"task": run.task, "label": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
+                        "results": results})
+        used.append({"task": run.task, "method": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
+                     "path": str(run.path), "best_dev": results["best_dev"], "test": results["test"],
+                     "forward_passes": results["forward_passes"], "wall_time_s": results.get("wall_time_s"),
+                     "diverged": bool(results.get("diverged"))})
+    method, baseline = grid.compare
+    data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
+                     mode=grid.modes[0] if "full" not in grid.modes else "full",
+                     zo_labels=[s.label for s in grid.methods if s.is_zo])
+    data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
+                           runs_diverged=sum(u["diverged"] for u in used))
+    out = grid.out
+    figures = _figures(grid, data)
+    document = {
+        "grid": str(grid.path), "profile": grid.profile, "model": grid.model,
+        "command": _command(grid), "settings": grid.settings, "summary": data["summary"], "tasks": data["tasks"],
+        "figures": [p.name for p in figures], "runs": used,
+        "zero_shot_runs": [{"task": z["task"], "seed": z["seed"], "dev": z["results"]["dev"], "test": z["results"]["test"]}
+                           for z in zero_shot],
+    }
+    paths = [write_json(out / "accuracy.json", document), write_text(out / "accuracy.md", _markdown(grid, document)), *figures]
+    s = data["summary"]
+    log(f"aggregated {len(records)} of {grid.expected_runs()} runs (+{len(zero_shot)} zero-shot) into {out}: "
+        f"{_headline(s)}")
+    return paths, s
+
+
+def _command(grid: Grid) -> str:
+    profile = "" if grid.profile in ("cpu", "(none)") else f" --profile {grid.profile}"
+    out = "" if grid.out == grid.base_out else f" --out {grid.out}"
+    return f"curvzo bench --grid {grid.path}{profile}{out}"
+
+
+def _fmt(value: float | None, spec: str = "+.2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio_text(median: float | None, tasks: int) -> str:
+    """The median forward ratio; "not reached" when the median task never reaches the baseline's final."""
+    if median is not None:
+        return format(median, ".2f")
+    return "not reached" if tasks else "n/a"
+
+
+def _headline(s: dict[str, Any]) -> str:
+    return (f"{s['method']} - {s['baseline']} = {_fmt(s['curvzo_minus_mezo_mean'])} points ({s['mode']}), "
+            f"wins {s['tasks_won']}/{s['tasks_total']} tasks; forward passes to {s['baseline']}'s final dev: "
+            f"median ratio {_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} ({s['forward_ratio_reached']}/{s['forward_ratio_tasks']} tasks reach it)")
+
+
+def _pm(cell: dict[str, Any] | None, seeds: int) -> str:
+    if not cell:
+        return "–"
+    n = len(cell["seeds"])
+    spread = f" ± {100 * cell['test_std']:.1f}" if n > 1 else ""
+    return f"{100 * cell['test_mean']:.1f}{spread}" + ("" if n == seeds else f" (n={n})")
+
+
+def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
+    s, rows = doc["summary"], doc["tasks"]
+    tasks = [r["task"] for r in rows]
+    nseeds = len(grid.seeds)
+    settings = ", ".join(f"{k} {v}" for k, v in grid.settings.items())
+    head = "| method | mode | " + " | ".join(tasks) + " | avg |"
+    lines = [
+        f"# Accuracy: {grid.model}, profile `{grid.profile}`", "",
+        f"Regenerate: `{doc['command']}` (resumable; `--aggregate-only` redraws from finished runs).", "",
+        f"Runs used: {s['runs_used']} of {s['runs_expected']} training runs ({s['runs_diverged']} diverged: scored from "
+        f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
+        f"mean ± std (sample) over seeds {list(grid.seeds)} of the learning rate selected on dev "
+        f"(n = seeds finished when fewer)." + (f" Settings: {settings}." if settings else ""),
+        "", head, "|" + " --- |" * (len(tasks) + 3),
+    ]
+
+    def avg(cells: list[dict | None]) -> str:
+        return f"{100 * statistics.fmean(c['test_mean'] for c in cells):.1f}" if cells and all(cells) else "–"
+
+    zs = [r["zero_shot"] for r in rows]
+    lines.append("| zero-shot | – | " + " | ".join(_pm(z, nseeds) for z in zs) + f" | {avg(zs)} |")
+    specs = sorted(grid.methods, key=lambda spec: spec.method in FO_METHODS)  # first-order rows last
+    for spec in specs:
+        for mode in spec.modes:
+            cells = [r["methods"].get(spec.label, {}).get(mode) for r in rows]
+            name = f"{spec.label} (first-order)" if spec.method in FO_METHODS else spec.label
+            lines.append(f"| {name} | {mode} | " + " | ".join(_pm(c, nseeds) for c in cells) + f" | {avg(cells)} |")
+    lines += ["", "Selected learning rates (dev):", "", head.replace(" avg |", ""), "|" + " --- |" * (len(tasks) + 2)]
+    for spec in specs:
+        for mode in spec.modes:
+            cells = [r["methods"].get(spec.label, {}).get(mode) for r in rows]
+            lines.append(f"| {spec.label} | {mode} | " + " | ".join(format_lr(c["lr"]) if c else "–" for c in cells) + " |")
+    per_task = ", ".join(
+        f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"
+        + (f" ({s['baseline']} did not improve on zero-shot)" if v["baseline_improved"] is False else "")
+        for t, v in s["per_task"].items())
+    lines += [
+        "", "## Summary", "",
+        f"- **{s['method']} − {s['baseline']}** ({s['mode']}, mean over {s['tasks_total']} tasks): "
+        f"{_fmt(s['curvzo_minus_mezo_mean'])} points; {s['method']} wins {s['tasks_won']}/{s['tasks_total']} tasks "
+        f"(target: ≥ +{TARGETS['minus_baseline_points']} points and ≥ {TARGETS['tasks_won_fraction']:.0%} of tasks).",
+        f"- **Forward passes to reach {s['baseline']}'s final dev accuracy**, {s['method']} / {s['baseline']} "
+        f"(seed-averaged dev curves, linear interpolation between evaluations; over the "
+        f"{s['forward_ratio_tasks']} tasks where {s['baseline']} improved on zero-shot): median "
+        f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
+    ]
+    for label, v in s["methods"].items():
+        if label != s["method"]:
+            lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
+                         f"{v['tasks_won']}/{v['tasks_total']}, forward ratio median "
+                         f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")
+    if doc["figures"]:
+        lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in doc["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ figures
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def _figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out, paths = grid.out, []
+    summary = data["summary"]
+    for row in data["tasks"]:
+        if not row["methods"]:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for spec in grid.methods:
+            for mode in spec.modes:
+                cell = row["methods"].get(spec.label, {}).get(mode)
+                if cell and cell["curve"]:
+                    xs, ys = zip(*cell["curve"])
+                    ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, linestyle="-" if mode == "full" else "--",
+                            label=f"{spec.label} {mode} (lr {format_lr(cell['lr'])}, n={len(cell['seeds'])})")
+        if row.get("baseline_final_dev") is not None:
+            ax.axhline(100 * row["baseline_final_dev"], color="grey", linewidth=0.8, linestyle=":",
+                       label=f"{summary['baseline']} final dev")
+        ax.set(xlabel="forward passes (examples; first-order: forwards only)", ylabel="dev accuracy (%), seed mean",
+               title=f"{row['task']}: dev accuracy vs forward passes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / f"accuracy_{row['task']}.png"))
+    paths += _forward_figure(grid, data, plt)
+    paths += _heatmap_figures(grid, data)
+    return paths
+
+
+def _forward_figure(grid: Grid, data: dict[str, Any], plt: Any) -> list[Path]:
+    rows = [r for r in data["tasks"] if r.get("forward_to_baseline_final")]
+    if not rows:
+        return []
+    summary = data["summary"]
+    labels = [s.label for s in grid.methods if s.is_zo and any(s.label in r["forward_to_baseline_final"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 2 + 0.5 * len(rows) * len(labels)), 4))
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        for j, row in enumerate(rows):
+            x = j + (i - (len(labels) - 1) / 2) * width
+            reach = row["forward_to_baseline_final"].get(label, "n/a")
+            if reach == "n/a":
+                continue
+            if reach is None:  # never reached: a hatched bar at the run's budget
+                ax.bar(x, row["baseline_forward_passes"], width, color=f"C{i}", alpha=0.25, hatch="//")
+                ax.text(x, row["baseline_forward_passes"], "×", ha="center", va="bottom", fontsize=8)
+            else:
+                ax.bar(x, reach, width, color=f"C{i}")
+        ax.bar(0, 0, 0, color=f"C{i}", label=label)
+    ax.set_xticks(range(len(rows)), [r["task"] for r in rows])
+    ax.set(ylabel="forward passes (examples)",
+           title=f"Forward passes to reach {summary['baseline']}'s final dev accuracy (hatched ×: not reached)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return [_save(fig, grid.out / "forward_ratio.png")]
+
+
+def _heatmap_figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
+    """CurvZO's budget and block-score heat map of one run (headline method, first task, selected lr, first seed)."""
+    from ..plots import plot_run
+
+    method = grid.compare[0]
+    for row in data["tasks"]:
+        cell = row["methods"].get(method, {}).get("full") or next(iter(row["methods"].get(method, {}).values()), None)
+        if not cell:
+            continue
+        mode = next(m for m, c in row["methods"][method].items() if c is cell)
+        spec = next(s for s in grid.methods if s.label == method)
+        run = training_run(grid, row["task"], spec, mode, cell["lr"], cell["seeds"][0])
+        records = {name: run.record(name) for name in RECORDS}
+        if records["log.jsonl"] is None or records["scores.json"] is None:
+            continue
+        paths = []
+        with tempfile.TemporaryDirectory() as tmp:  # the run's records, from its folder or the archive
+            copy = Path(tmp) / run.path.name
+            copy.mkdir()
+            for name, content in records.items():
+                if content is not None:
+                    (copy / name).write_bytes(content)
+            plot_run(copy)
+            for name in ("budget.png", "scores.png"):
+                source = copy / "plots" / name
+                if source.exists():
+                    paths.append(atomic_write(grid.out / f"{method}_{name}", lambda out, s=source: shutil.copyfile(s, out)))
+        data["summary"]["heatmap_run"] = str(run.path)
+        return paths
+    return []
