@@ -59,3 +59,12 @@ def test_documented_defaults_match_the_code(path: str) -> None:
         assert value == actual[option] and type(value) is type(actual[option]), (
             f"{path}.{option}: documented {cell}, code {actual[option]!r}")
 
+
+
+@pytest.mark.parametrize("module", ["curvzo", "curvzo.optim", "curvzo.hf"])
+def test_every_public_class_and_function_has_a_docstring(module: str) -> None:
+    mod = importlib.import_module(module)
+    objects = {name: getattr(mod, name) for name in mod.__all__}
+    missing = [name for name, obj in objects.items()
+               if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip()]
+    assert not missing

@@ -308,6 +308,7 @@ class ZOStatsCallback(TrainerCallback):
         self._last: tuple[ZOOptimizer, StepInfo] | None = None
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Add the step just taken (``optimizer.last_step``) to the running sums."""
         zo = unwrap_zo(optimizer)
         if zo is None or zo.last_step is None:
             return
@@ -321,6 +322,7 @@ class ZOStatsCallback(TrainerCallback):
         self._last = (zo, info)
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        """Put the statistics into a training log (and its ``log_history`` entry), then start over."""
         if logs is None or "loss" not in logs or self._last is None:
             return
         stats = self.statistics()
