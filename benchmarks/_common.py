@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from curvzo.io import atomic_write
-from curvzo.model_options import DTYPES
+from curvzo.model_options import DTYPES, torch_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -129,7 +129,6 @@ def load_lm(config: str = "smollm2-135m", *, dtype: str = "float32", device: str
     ``smollm2-135m`` goes through :func:`curvzo.models.load_model` (pretrained, offline alias);
     the names in :data:`ARCH_CONFIGS` build a random-initialised model of that shape (no tokenizer).
     """
-    torch_dtype = DTYPES[dtype]
     if config in ARCH_CONFIGS:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -137,7 +136,7 @@ def load_lm(config: str = "smollm2-135m", *, dtype: str = "float32", device: str
         cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(seed)  # a script, not the library: seeding the global RNG is fine here
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype))
         return model.eval(), None
     from curvzo.models import load_model
 

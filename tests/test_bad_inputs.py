@@ -60,6 +60,9 @@ CASES = [
     ("lr-nan", lambda m, d, r: ["--lr", "nan"], "`lr` must be a finite number > 0"),
     ("eps-negative", lambda m, d, r: ["--eps=-1"], "`eps` must be a finite number > 0"),
     ("steps-zero", lambda m, d, r: ["--steps", "0"], "`steps` must be an integer >= 1"),
+    ("checkpoint-every-zero", lambda m, d, r: ["--checkpoint-every", "0"], "`checkpoint_every` must be an integer >= 1"),
+    ("checkpoint-minutes-negative", lambda m, d, r: ["--checkpoint-minutes=-1"], "`checkpoint_minutes` must be a finite number > 0"),
+    ("keep-trajectory-first-order", lambda m, d, r: ["--keep", "trajectory", "--method", "adamw"], "`keep: trajectory` needs a ZO method"),
     ("steps-not-int", lambda m, d, r: ["--steps", "many"], "invalid int value: 'many'"),
     ("missing-model", lambda m, d, r: ["--model", str(m.parent / "absent")], "absent"),
     ("corrupt-model", lambda m, d, r: (_corrupt_weights(m), [])[1], "Cannot load model"),
@@ -70,7 +73,7 @@ CASES = [
     ("empty-split", lambda m, d, r: ((d / "sst2/validation.jsonl").write_text(""), [])[1], "empty"),
     ("context-too-long", lambda m, d, r: ["--max-length", "4096"], "exceeds the model's context of 128"),
     ("unwritable-output", lambda m, d, r: ((r.parent / "file").write_text(""), ["--output-dir", str(r.parent / "file" / "x")])[1], "not writable"),
-    ("bad-config-yaml", lambda m, d, r: ((r.parent / "c.yaml").write_text("steps: [1,"), ["--config", str(r.parent / "c.yaml")])[1], "not valid YAML"),
+    ("bad-config-yaml", lambda m, d, r: ((r.parent / "c.yaml").write_text("steps: [1,"), ["--config", str(r.parent / "c.yaml")])[1], "not valid YAML (line 1, column "),
     ("missing-config", lambda m, d, r: ["--config", str(r.parent / "nope.yaml")], "config file not found"),
     ("unknown-device", lambda m, d, r: ["--device", "tpu"], "`device` must be auto, cpu, cuda or cuda:N"),
     ("absent-gpu", lambda m, d, r: ["--device", "cuda:99"], "is not available on this machine"),
@@ -159,5 +162,52 @@ def test_diverging_lr_stops_with_one_line(tiny_dir, data_dir, tmp_path, capsys):
             "--method", "mezo", "--lr", "1e38", "--output-dir", str(run), "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "diverged" in err
-    assert not (run / "results.json").exists()
+    # Step 1 evaluates the start weights (finite losses); its update overflows them, so steps 2-11
+    # are the ten non-finite steps in a row that stop the run.
+    assert err.count("\n") == 1 and "training diverged at step 11 (10 steps in a row had non-finite losses)" in err
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 11 and results["best_step"] == 0 and results["diverged"] in err
+
+
+def test_output_folder_of_an_earlier_run(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_ok(tiny_dir, data_dir, run)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--output-dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_overwrite_of_a_folder_that_is_no_run(tiny_dir, data_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--output-dir", str(folder),
+            "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite refuses" in err and "thesis.tex" in err
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+def test_resume_and_overwrite_together(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_export_of_a_step_the_run_never_reached(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    _train_ok(tiny_dir, data_dir, run)
+    capsys.readouterr()
+    assert main(["export", str(run), "--step", "99", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--step must be best, last or a step number from 0 to 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from tiny import tiny_model, tokenizer
 def run_cli(tiny_dir: Path, data_dir: Path, out: Path, *extra: str) -> int:
     argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir),
             "--num-train", "16", "--num-dev", "8", "--num-test", "8", "--batch-size", "4",
-            "--steps", "2", "--eval-every", "1", "--output-dir", str(out), "--no-progress", *extra]
+            "--steps", "2", "--eval-every", "1", "--output-dir", str(out), "--no-progress", "--keep", "weights", *extra]
     return main(argv)
 
 
@@ -39,12 +39,15 @@ def test_each_method_writes_all_outputs(tiny_dir, data_dir, tmp_path, method):
     if method.startswith("curvzo") or method == "uniform-sparse":
         assert {"budget.png", "scores.png"} <= plots
         assert {"grad", "budget", "blocks", "skipped"} <= set(log[0])
+    else:  # dense and first-order methods have no budget to draw
+        assert "budget.png" not in plots
+    assert all(round(results[k], 6) == results[k] for k in ("zero_shot", "best_dev", "test"))
 
 
 def test_lora_curvzo_trains_only_the_adapter(tiny_dir, data_dir, tmp_path):
     out = tmp_path / "lora"
     assert run_cli(tiny_dir, data_dir, out, "--peft", "lora") == 0
-    saved = load_file(str(out / "best" / "model.safetensors"))
+    saved = load_file(str(out / "best" / "adapter_model.safetensors"))
     assert saved and all("lora" in name for name in saved)
 
 
@@ -204,3 +207,17 @@ def test_every_config_field_is_a_train_flag_with_its_help_and_default(capsys):
         assert f"{flag} {spec.name.upper()} {' '.join(spec.metadata['help'].split())}" in text
     assert "--steps STEPS optimizer steps (default: 200)" in text
     assert "--optimizer-options OPTIMIZER_OPTIONS extra ZO optimizer options (default: {})" in text
+
+
+def test_version_and_a_help_that_needs_no_torch(capsys):
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"curvzo {version('curvzo')}\n"
+    script = ("import sys\nfrom curvzo.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "--overwrite" in out and out.splitlines()[-1] == "[]"

@@ -11,7 +11,7 @@ from curvzo.config import TrainConfig
 from curvzo.errors import ConfigError
 from curvzo.model_options import DTYPES, PEFT_MODES
 from curvzo.optim import PRESETS
-from curvzo.optim.optimizer import ROUNDINGS as ENGINE_ROUNDINGS
+from curvzo.optim import ROUNDINGS as ENGINE_ROUNDINGS
 
 
 def test_zo_methods_are_the_engine_presets():

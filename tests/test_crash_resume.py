@@ -15,17 +15,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import curvzo
 from curvzo.cli import main
 
 STEPS = 8
 
 
 
-def _argv(tiny_dir: Path, data_dir: Path, out: Path) -> list[str]:
+def _argv(tiny_dir: Path, data_dir: Path, out: Path, *schedule: str) -> list[str]:
     return ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
-            "--num-dev", "4", "--num-test", "4", "--batch-size", "4", "--steps", str(STEPS), "--eval-every", "1",
-            "--lr", "1e-3", "--output-dir", str(out), "--no-progress"]
+            "--num-dev", "4", "--num-test", "4", "--batch-size", "4", "--steps", str(STEPS), "--lr", "1e-3",
+            "--output-dir", str(out), "--no-progress", "--keep", "weights", *(schedule or ("--eval-every", "1"))]
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    return subprocess.Popen([sys.executable, "-m", "curvzo.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, run: Path, steps: int) -> None:
+    deadline = time.monotonic() + 120
+    while _logged_steps(run) < steps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +59,16 @@ def _assert_same(weights: dict[str, torch.Tensor], reference: dict[str, torch.Te
     assert all(torch.equal(weights[k], reference[k]) for k in weights)
 
 
-@pytest.mark.parametrize("kill_after", [2, 5])
-def test_sigkill_then_resume_is_bit_identical(tiny_dir, data_dir, tmp_path, reference, kill_after):
+# Checkpoint schedules: at each evaluation, every N steps (evaluating only at the end), by wall time.
+SCHEDULES = {"eval": ("--eval-every", "1"), "steps": ("--eval-every", "100", "--checkpoint-every", "2"),
+             "minutes": ("--eval-every", "100", "--checkpoint-minutes", "1e-6")}
+
+
+@pytest.mark.parametrize("kill_after,schedule", [(2, "eval"), (5, "steps"), (3, "minutes")])
+def test_sigkill_then_resume_is_bit_identical(tiny_dir, data_dir, tmp_path, reference, kill_after, schedule):
     run = tmp_path / "run"
-    # The child imports the curvzo under test (not another installed copy) and tests/tiny.py.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(curvzo.__file__).parents[1]), str(Path(__file__).parent)])}
-    proc = subprocess.Popen([sys.executable, "-m", "curvzo.cli", *_argv(tiny_dir, data_dir, run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _logged_steps(run) < kill_after and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _start(_argv(tiny_dir, data_dir, run, *SCHEDULES[schedule]))
+    _wait_for_steps(proc, run, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -80,3 +91,19 @@ def test_crash_between_checkpoint_renames_keeps_the_previous_one(tiny_dir, data_
     _assert_same(load_file(str(run / "checkpoint" / "model.safetensors")), reference)
     assert not (run / "checkpoint.tmp").exists() and not (run / "checkpoint.old").exists()
     shutil.rmtree(run)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, data_dir, tmp_path, reference):
+    """A real SIGINT between evaluations and checkpoints: the run saves where it is and exits 130."""
+    run = tmp_path / "run"
+    proc = _start(_argv(tiny_dir, data_dir, run, "--eval-every", "100"))
+    _wait_for_steps(proc, run, 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("curvzo: interrupted at step ") and f"curvzo train --resume {run}" in err
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    _assert_same(load_file(str(run / "checkpoint" / "model.safetensors")), reference)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))

@@ -210,6 +210,7 @@ def test_task_without_any_source(tmp_path: Path) -> None:
 
 def test_hub_path_reads_named_splits_and_adapts_boolq(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # skips the reachability probe
     rows = [{"question": f"is it {i}", "passage": "p", "answer": i % 2 == 0} for i in range(6)]
     fake = datasets.DatasetDict(
         train=datasets.Dataset.from_list(rows), validation=datasets.Dataset.from_list(rows[:2])
@@ -229,6 +230,7 @@ def test_hub_path_reads_named_splits_and_adapts_boolq(monkeypatch: pytest.Monkey
 
 def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # skips the reachability probe
 
     def offline(*args: Any) -> None:
         raise ConnectionError("no network")

@@ -105,6 +105,7 @@ def test_unknown_alias_is_a_model_error() -> None:
 
 def test_unknown_name_suggests_the_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # curvzo's own hub probe reads the environment
     with pytest.raises(
         ModelError, match=r"neither a local folder nor a built-in alias .*Did you mean: smollm2-135m"
     ):

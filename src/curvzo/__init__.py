@@ -4,8 +4,8 @@
     >>> opt = curvzo.CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
     >>> loss = opt.step(lambda: loss_fn(model(**batch)))
 
-The optimizers import torch only; the harness (tasks, data, models, training loop) is loaded on
-first use, so ``import curvzo`` stays cheap and transformers-free.
+Everything is loaded on first use: the optimizers import torch only, the harness (tasks, data,
+models, training loop) transformers too, so ``import curvzo`` (and ``curvzo --help``) stays cheap.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .optim import PRESETS, CurvZO, MeZO, ZOOptimizer, build_optimizer
-
 __all__ = [
     "MeZO", "CurvZO", "ZOOptimizer", "PRESETS", "build_optimizer",
     "TrainConfig", "load_config", "train", "evaluate_run", "get_task", "list_tasks", "load_model",
 ]
 
 _LAZY = {
+    "MeZO": "optim", "CurvZO": "optim", "ZOOptimizer": "optim", "PRESETS": "optim", "build_optimizer": "optim",
     "TrainConfig": "config", "load_config": "config", "train": "finetune", "evaluate_run": "finetune",
     "get_task": "tasks", "list_tasks": "tasks", "load_model": "models",
 }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,34 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write, write_text
+from .io import write_text
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
-_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size"}
+_RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes",
+                          "keep", "divergence_factor", "divergence_patience", "on_divergence"}
+
+
+#: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
+RUN_ENTRIES = frozenset({
+    "config.yaml", "log.jsonl", "results.json", "scores.json", "trajectory.czt", "plots", "best", "error.txt",
+    "checkpoint", "checkpoint.tmp", "checkpoint.old",
+})
+
+
+def with_run_folder(cfg: TrainConfig, root: str | Path = "runs") -> TrainConfig:
+    """``cfg`` with an ``output_dir``: its own, else a new ``root/<task>-<method>-<YYYYmmdd-HHMMSS>``
+    (suffixed ``-2``, ``-3``, ... if a run started in the same second)."""
+    if cfg.output_dir is not None:
+        return cfg
+    task = cfg.task if isinstance(cfg.task, str) else str(cfg.task.get("name", "custom"))
+    base = Path(root) / f"{task}-{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return replace(cfg, output_dir=str(path))
 
 
 class RunDir:
@@ -35,6 +59,24 @@ class RunDir:
         self.path = Path(path)
 
     # ------------------------------------------------------------------ setup
+    def check_unused(self, *, overwrite: bool) -> None:
+        """Refuse a folder that already holds files, unless ``overwrite`` and they are all a run's.
+
+        Called before any work, so a refused run leaves the old one untouched.
+        """
+        if not self.path.is_dir():
+            return
+        entries = sorted(p.name for p in self.path.iterdir())
+        if not entries:
+            return
+        if not overwrite:
+            raise ConfigError(f"{self.path} already holds a run: continue it with `curvzo train --resume {self.path}` "
+                              "or replace it with --overwrite")
+        foreign = [name for name in entries if name not in RUN_ENTRIES]
+        if foreign:
+            raise ConfigError(f"--overwrite refuses {self.path}: it holds files no run writes ({', '.join(foreign[:5])}); "
+                              "remove the folder yourself")
+
     def check_writable(self) -> None:
         """Fail before any work if the folder cannot be created or written; creates nothing."""
         existing = self.path
@@ -44,12 +86,16 @@ class RunDir:
             raise ConfigError(f"output folder {self.path} is not writable ({existing} is not a writable folder)")
 
     def prepare(self, cfg: TrainConfig, *, resume: bool) -> None:
-        """Create the folder (or check it belongs to ``cfg`` on resume) and write ``config.yaml``."""
+        """Create the folder (or check it belongs to ``cfg`` on resume) and write ``config.yaml``.
+
+        A new run starts from an empty folder: what :meth:`check_unused` let ``--overwrite``
+        replace is deleted here, so no file of the previous run survives into this one.
+        """
         if resume:
             self._check_same_config(cfg)
+        elif self.path.is_dir():
+            shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (self.path / "log.jsonl").unlink(missing_ok=True)
         write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def read_config(self) -> TrainConfig:
@@ -99,18 +145,47 @@ class RunDir:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _checkpoint_folder(self) -> Path | None:
         for name in ("checkpoint", "checkpoint.old"):
             folder = self.path / name
-            if (folder / "state.pt").exists() and (folder / "model.safetensors").exists():
-                return load_file(str(folder / "model.safetensors")), torch.load(folder / "state.pt", weights_only=False)
-        raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
+            if (folder / "state.pt").exists():  # both are complete: a save renames a finished folder in
+                return folder
+        return None
 
-    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
-        folder = self.path / "best"
-        folder.mkdir(exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in weights.items()}
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    def checkpoint_step(self) -> int | None:
+        """The step of the last checkpoint, None when there is none."""
+        folder = self._checkpoint_folder()
+        return None if folder is None else int(torch.load(folder / "state.pt", weights_only=False)["train_state"]["step"])
 
-    def load_best(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "best" / "model.safetensors"))
+    def checkpoint_has_weights(self) -> bool:
+        folder = self._checkpoint_folder()
+        return folder is not None and (folder / "model.safetensors").exists()
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Weights (None when the run kept only its trajectory: see :meth:`drop_weights`) and state."""
+        folder = self._checkpoint_folder()
+        if folder is None:
+            raise CheckpointError(f"cannot resume: no checkpoint in {self.path}")
+        weights_file = folder / "model.safetensors"
+        weights = load_file(str(weights_file)) if weights_file.exists() else None
+        return weights, torch.load(folder / "state.pt", weights_only=False)
+
+    def train_state(self) -> dict[str, Any]:
+        """Counters of the run so far (``step``, ``best_step``, ...): the checkpoint's, else results.json's."""
+        folder = self._checkpoint_folder()
+        if folder is not None:
+            return torch.load(folder / "state.pt", weights_only=False)["train_state"]
+        results = self.path / "results.json"
+        if results.exists():
+            data = json.loads(results.read_text())
+            return {"step": data["steps"], "best_step": data["best_step"]}
+        raise CheckpointError(f"{self.path} holds neither a checkpoint nor results")
+
+    def drop_weights(self) -> None:
+        """Delete the weight copies (best/, the checkpoint's weights); the checkpoint's state.pt stays.
+
+        What remains (trajectory, state, logs) rebuilds any step's weights from the base model.
+        """
+        for name in ("best", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        (self.path / "checkpoint" / "model.safetensors").unlink(missing_ok=True)

@@ -8,6 +8,8 @@
     curvzo models list | curvzo models fetch smollm2-135m
     curvzo tasks
     curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
+    curvzo export runs/default --step best --out best-model               # a run's weights at a step
+    curvzo lr-find --task sst2 --method mezo   # short lr range test: the largest stable lr and a suggestion
     curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,9 +32,18 @@ from typing import Any
 import yaml
 
 from .config import TrainConfig, load_config, load_yaml, parse_overrides
-from .errors import ConfigError, CurvzoError
+from .errors import ConfigError, CurvzoError, TrainingDiverged
 
 __all__ = ["main"]
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("curvzo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other input error
@@ -40,15 +52,20 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="curvzo", description="Zeroth-order fine-tuning of Hugging Face language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model on a task (no arguments: the embedded demo)")
     train.add_argument("--config", help="YAML file of TrainConfig keys")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    reuse = train.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    reuse.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir if there is one")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(train)
+    _add_lr_find(sub)
     evaluate = sub.add_parser("eval", help="dev and test metric of a run's best weights")
     evaluate.add_argument("run_dir")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     plot = sub.add_parser("plot", help="re-draw figures from run folders")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", help="folder for a combined figure of several runs")
@@ -60,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("base_model", help="alias, hub id or local folder the run started from")
     rebuild.add_argument("trajectory", help="a run's trajectory.czt")
     rebuild.add_argument("--out", required=True, help="folder for the rebuilt model (or adapter)")
+    export = sub.add_parser("export", help="write a run's weights at a step as a Hugging Face folder (rebuilt from its trajectory)")
+    export.add_argument("run_dir")
+    export.add_argument("--step", default="best", help="best | last | a step number (default: %(default)s)")
+    export.add_argument("--out", required=True, help="folder for the model (or adapter) and tokenizer")
     bench = sub.add_parser("bench", help="run (resumably) and aggregate an accuracy grid")
     bench.add_argument("--grid", default="benchmarks/grids/cpu.yaml", help="grid YAML (default: %(default)s)")
     bench.add_argument("--profile", help="profile of the grid: quick | cpu | paper (default: the grid's)")
@@ -72,14 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag-name`` per TrainConfig field, typed by its annotation, helped by its metadata.
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--flag-name`` per TrainConfig field (but ``exclude``), typed by its annotation, helped
+    by its metadata.
 
     The flags default to None, so only what is given on the command line overrides the config
     file; the help shows the field's own default.
     """
     hints = typing.get_type_hints(TrainConfig)
     for spec in dataclasses.fields(TrainConfig):
+        if spec.name in exclude:
+            continue
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         text = spec.metadata.get("help", "")
         if default is not None:
@@ -117,12 +141,48 @@ def _yaml_of(kind: type, expected: str) -> Callable[[str], Any]:
     return parse
 
 
+def _add_lr_find(sub: Any) -> None:
+    find = sub.add_parser("lr-find", help="short lr range test: the largest lr that does not diverge, and a suggestion")
+    find.add_argument("--config", help="YAML file of TrainConfig keys")
+    find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    find.add_argument("--lr-min", type=float, default=1e-7, help="smallest lr of the grid (default: %(default)g)")
+    find.add_argument("--lr-max", type=float, default=1e-3, help="largest lr of the grid (default: %(default)g)")
+    find.add_argument("--per-decade", type=int, default=2, help="grid values per factor of ten (default: %(default)s)")
+    find.add_argument("--steps-per-lr", type=int, default=10, help="steps at each lr (default: %(default)s)")
+    find.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(find, exclude=("lr", "steps", "output_dir"))
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig keys given as flags or ``--set``."""
+    overrides: dict[str, Any] = {spec.name: getattr(args, spec.name, None) for spec in dataclasses.fields(TrainConfig)}
+    overrides.update(_nested(parse_overrides(args.set)))
+    return overrides
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from .lrfind import lr_find, lr_grid
+
+    _quiet_libraries()
+    cfg = load_config(args.config, _config_overrides(args))
+    result = lr_find(cfg, lrs=lr_grid(args.lr_min, args.lr_max, args.per_decade), steps=args.steps_per_lr,
+                     progress=not args.no_progress)
+    print(f"{'lr':>8}  {'loss, last third':>16}  {'/ smallest lr':>13}")
+    for trial in result.trials:
+        print(f"{trial.lr:8.3g}  {trial.tail:16.4g}  {trial.ratio:13.3f}{'  diverged' if trial.diverged else ''}")
+    cost = f"{result.forward_passes} forward passes, {result.seconds:.0f} s"
+    if result.largest_stable is None:
+        print(f"every lr diverged: lower --lr-min ({cost})")
+    else:
+        print(f"largest lr that did not diverge: {result.largest_stable:g}; suggested: --lr {result.suggested:g} ({cost})")
+
+
 def _train(args: argparse.Namespace) -> None:
+    from .checkpoint import with_run_folder
     from .finetune import train
 
     _quiet_libraries()
-    overrides: dict[str, Any] = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)}
-    overrides.update(_nested(parse_overrides(args.set)))
+    overrides = _config_overrides(args)
     if args.resume:
         config_file = Path(args.resume) / "config.yaml"
         if not config_file.exists():
@@ -130,12 +190,16 @@ def _train(args: argparse.Namespace) -> None:
         overrides["output_dir"] = args.resume
         cfg = load_config(args.config or config_file, overrides)
     else:
-        cfg = load_config(args.config, overrides)
-    results = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+        cfg = with_run_folder(load_config(args.config, overrides))
+    start = time.perf_counter()
+    results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    if "diverged" in results:
+        raise TrainingDiverged(results["diverged"])
     metric = results["metric"]
     print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
-          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes, "
-          f"{results['wall_time_s']:.0f} s); run folder {cfg.output_dir}")
+          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes; "
+          f"training steps {results['wall_time_s']:.0f} s, this command {time.perf_counter() - start:.0f} s with "
+          f"loading, evaluation, saving and plots); run folder {cfg.output_dir}")
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +218,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .finetune import evaluate_run
 
     _quiet_libraries()
-    print(json.dumps(evaluate_run(args.run_dir), indent=2))
+    print(json.dumps(evaluate_run(args.run_dir, progress=not args.no_progress), indent=2))
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -195,6 +259,13 @@ def _replay(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .finetune import export
+
+    _quiet_libraries()
+    print(export(args.run_dir, args.step, args.out))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import load_grid, parse_only, run_bench
 
@@ -207,7 +278,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "models": _models, "tasks": _tasks, "replay": _replay,
-             "bench": _bench}
+             "export": _export, "lr-find": _lr_find, "bench": _bench}
 
 
 def _quiet_libraries() -> None:
@@ -225,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CurvzoError as err:
         print(f"curvzo: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a run says how to resume), no traceback
+        print(f"curvzo: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `curvzo bench --dry-run | head`: the reader left early. Point stdout at /dev/null so that
         # the interpreter's final flush does not raise again, and exit like other CLI tools do.

@@ -11,16 +11,18 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from .errors import ConfigError
 from .model_options import DTYPES, PEFT_MODES
 from .optim import PRESETS
+from .optim import ROUNDINGS as ENGINE_ROUNDINGS
 from .optim._validate import is_int, is_real
-from .optim.optimizer import ROUNDINGS as ENGINE_ROUNDINGS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "ROUNDINGS", "DEFAULT_LR", "load_config", "load_yaml",
@@ -36,6 +38,8 @@ OBJECTIVES = ("loss", "accuracy", "f1")
 #: fp32 master copies unless told otherwise.
 DEFAULT_ROUNDING = "master"
 ROUNDINGS: tuple[str, ...] = (DEFAULT_ROUNDING, *(r for r in ENGINE_ROUNDINGS if r != DEFAULT_ROUNDING))
+KEEPS = ("auto", "weights", "trajectory")
+ON_DIVERGENCE = ("stop", "rollback")
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -63,7 +67,13 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=_help("training examples per step"))
     eval_batch_size: int = field(default=32, metadata=_help("examples per evaluation forward"))
     seed: int = field(default=0, metadata=_help("seeds data sampling, batch order and the optimizer"))
-    eval_every: int = field(default=50, metadata=_help("steps between dev evaluations (and checkpoints)"))
+    eval_every: int = field(default=50, metadata=_help("steps between dev evaluations (each also writes a checkpoint)"))
+    checkpoint_every: int | None = field(
+        default=None, metadata=_help("steps between checkpoints, besides evaluations (default: by time only)"),
+    )
+    checkpoint_minutes: float = field(
+        default=3.0, metadata=_help("minutes of training after which a checkpoint is written: what a crash can lose at most"),
+    )
     num_train: int = field(default=1000, metadata=_help("training examples drawn (MeZO protocol)"))
     num_dev: int = field(default=200, metadata=_help("dev examples drawn from the train split"))
     num_test: int = field(default=500, metadata=_help("test examples drawn from the validation split"))
@@ -80,12 +90,33 @@ class TrainConfig:
         default="auto",
         metadata=_help("auto (cuda when available) | cpu | cuda | cuda:N; replay on the same device type (noise streams differ)"),
     )
+    divergence_factor: float | None = field(
+        default=3.0,
+        metadata=_help("the run has diverged when its smoothed training loss stays above this multiple of its "
+                       "start (mean of the first 10 steps) for divergence_patience steps (null: never)"),
+    )
+    divergence_patience: int = field(default=10, metadata=_help("steps the smoothed loss must stay that high"))
+    on_divergence: str = field(
+        default="stop",
+        metadata=_help("stop (results from the best weights so far) | rollback (back to the last checkpoint with "
+                       "half the lr, at most 3 times, then stop)"),
+    )
+    keep: str = field(
+        default="auto",
+        metadata=_help("what a finished run keeps: weights (best/ and the last checkpoint's weights) | trajectory "
+                       "(the trajectory and optimizer state; weights rebuilt on demand by `curvzo export`, eval "
+                       "and resume) | auto (trajectory for ZO methods, weights for first-order ones)"),
+    )
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(
         default=None,
         metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo only)"),
     )
-    output_dir: str = field(default="runs/default", metadata=_help("run folder (created)"))
+    output_dir: str | None = field(
+        default=None,
+        metadata=_help("run folder (default: a new runs/<task>-<method>-<YYYYmmdd-HHMMSS>); a folder that "
+                       "already holds a run needs --resume or --overwrite"),
+    )
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -103,8 +134,16 @@ class TrainConfig:
         full, adapter = DEFAULT_LR["zo" if self.is_zo else self.method]
         return full if self.peft == "none" else adapter
 
+    def resolved_keep(self) -> str:
+        """``weights`` or ``trajectory``: ``auto`` keeps a trajectory where there is one (ZO runs)."""
+        if self.keep == "auto":
+            return "trajectory" if self.is_zo else "weights"
+        return self.keep
+
     def resolved_device(self) -> torch.device:
         """Where the model and batches live: ``auto`` is the first GPU when there is one."""
+        import torch  # here, not at the top: `curvzo --help` must not pay for importing torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -112,7 +151,8 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
-        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", tuple(DTYPES)), ("objective", OBJECTIVES), ("rounding", ROUNDINGS)):
+        for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES),
+                              ("rounding", ROUNDINGS), ("keep", KEEPS), ("on_divergence", ON_DIVERGENCE)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
@@ -121,6 +161,14 @@ class TrainConfig:
                 out.append(f"`{name}` must be an integer >= 1, got {value!r}")
         if self.lr is not None and not _positive(self.lr):
             out.append(f"`lr` must be a finite number > 0, got {self.lr!r}")
+        if self.checkpoint_every is not None and not (is_int(self.checkpoint_every) and self.checkpoint_every >= 1):
+            out.append(f"`checkpoint_every` must be an integer >= 1 or null, got {self.checkpoint_every!r}")
+        if self.divergence_factor is not None and not (_positive(self.divergence_factor) and self.divergence_factor > 1):
+            out.append(f"`divergence_factor` must be a number > 1 or null, got {self.divergence_factor!r}")
+        if not (is_int(self.divergence_patience) and self.divergence_patience >= 1):
+            out.append(f"`divergence_patience` must be an integer >= 1, got {self.divergence_patience!r}")
+        if not _positive(self.checkpoint_minutes):
+            out.append(f"`checkpoint_minutes` must be a finite number > 0, got {self.checkpoint_minutes!r}")
         if not _positive(self.eps):
             out.append(f"`eps` must be a finite number > 0, got {self.eps!r}")
         if not is_real(self.weight_decay, lo=0):
@@ -129,6 +177,8 @@ class TrainConfig:
             out.append(f"`seed` must be an integer, got {self.seed!r}")
         if self.objective != "loss" and self.method in FO_METHODS:
             out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
+        if self.keep == "trajectory" and self.method in FO_METHODS:
+            out.append(f"`keep: trajectory` needs a ZO method: {self.method} records no trajectory (use keep: weights)")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
         out += _device_problems(self.device)
@@ -156,6 +206,7 @@ class TrainConfig:
 def _device_problems(device: Any) -> list[str]:
     if device == "auto":
         return []
+    import torch
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -213,12 +264,18 @@ def read_yaml_mapping(path: Path, kind: str = "config file", expect: str = "a ma
     except FileNotFoundError:
         raise ConfigError(f"{kind} not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{kind} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {path} is not valid YAML{_where(err)}: {str(err).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{kind} {path} must hold {expect}")
     return data
+
+
+def _where(err: yaml.YAMLError) -> str:
+    """`` (line L, column C)`` of a parse error, 1-based as editors count; empty when YAML gives no position."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

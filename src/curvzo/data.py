@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
+from curvzo.hub import hub_unreachable
 from curvzo.optim._validate import is_int
 from curvzo.tasks import Holdout, TaskConfig, get_task
 
@@ -248,9 +249,13 @@ def _group_key(row: _Row, group_by: str) -> str:
 
 
 def _read_hub(config: TaskConfig) -> tuple[list[_Row], list[_Row]]:
+    name = "/".join(config.hub or ())
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise DataError(f"task `{config.name}`: {name} needs the Hugging Face hub, but {unreachable}; "
+                        "pass data_dir, or set HF_HUB_OFFLINE=1 to read the hub's local cache")
     import datasets  # heavy; only the online path needs it
 
-    name = "/".join(config.hub or ())
     try:
         dataset = datasets.load_dataset(*(config.hub or ()))
     except Exception as exc:  # network, auth and format errors all mean the same to the user

@@ -15,6 +15,7 @@ __all__ = [
     "UnknownTaskError",
     "CheckpointError",
     "TrainingDiverged",
+    "RunInterrupted",
     "CurvzoWarning",
 ]
 
@@ -49,6 +50,13 @@ class CheckpointError(CurvzoError, ValueError):
 
 class TrainingDiverged(CurvzoError, FloatingPointError):
     """Too many consecutive steps had non-finite losses: the learning rate is too large."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says whether a checkpoint was saved and how to resume.
+
+    A ``KeyboardInterrupt``, so that code catching ``Exception`` (a benchmark grid) still stops.
+    """
 
 
 class CurvzoWarning(UserWarning):

@@ -5,15 +5,21 @@
     python -c "import curvzo; curvzo.train(curvzo.TrainConfig(steps=20))"
 
 Every method (ZO and first-order) runs through the same loop: draw a batch, take one optimizer
-step, log, and every ``eval_every`` steps evaluate on dev, keep the best weights and write a
-checkpoint. Forward passes are counted: they are the common budget axis of ZO methods.
+step, log, check for divergence, every ``eval_every`` steps evaluate on dev and keep the best
+weights, and write a checkpoint at each evaluation and on the checkpoint schedule (steps and/or
+minutes). Forward passes are counted: they are the common budget axis of ZO methods. A ZO run's
+trajectory rebuilds the weights of any of its steps (``rebuild``, ``export``), which is what lets
+a finished run keep only its trajectory.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +28,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import scoring
-from .checkpoint import RunDir
+from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_splits
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, RunInterrupted
+from .divergence import DivergenceGuard, lower_lr
+from .interrupt import StepGuard
 from .io import write_json
-from .models import apply_peft, load_model, save_trainable, trainable_named_parameters
+from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
 from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .tasks import Example, TaskConfig, get_task, task_from_dict
-from .trajectory import Hyper, TrajectoryWriter, fingerprint, read_trajectory
+from .trajectory import Hyper, Step, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "replay", "setup", "TrainState"]
+__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState"]
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
+#: Roll-backs (``on_divergence: rollback``) after which a diverging run stops.
+MAX_ROLLBACKS = 3
 
 
 @dataclass
@@ -52,88 +62,167 @@ class TrainState:
     scores: list[dict[str, Any]] = field(default_factory=list)
     trajectory_bytes: int = 0
     skipped_in_a_row: int = 0
+    divergence: dict[str, Any] = field(default_factory=dict)  # DivergenceGuard.state_dict()
+    rollbacks: int = 0
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` on ``cfg.task``; returns (and writes) ``results.json``'s content."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.task``; returns (and writes) ``results.json``'s content.
+
+    Without ``cfg.output_dir`` the run gets a new folder; an existing folder that holds files is
+    refused unless ``resume`` (continue its run) or ``overwrite`` (replace it).
+    """
+    if resume and cfg.output_dir is None:
+        raise ConfigError("resume needs the run folder (`output_dir`)")
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
+    cfg = with_run_folder(cfg)
     run = RunDir(cfg.output_dir)
     run.check_writable()
+    if not resume:
+        run.check_unused(overwrite=overwrite)
+    _say(progress, f"loading data and {cfg.model}")
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
     run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
+    _say(progress, f"run folder {run.path}")
     state = _restore(run, named, optimizer) if resume else TrainState()
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
+    guard = StepGuard()
+    saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
+    monitor = _divergence_guard(cfg, state)
+    stopped: str | None = None  # why the run stopped early
 
-    def dev_metric() -> float:
-        return evaluate(model, tokenizer, task, dev_set, cfg)
+    def dev_metric(desc: str) -> float:
+        return evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
 
-    if state.zero_shot is None:
-        state.zero_shot = dev_metric()
-        state.best_dev = state.zero_shot
-        run.save_best(_weights(named))
-        _snapshot_scores(state, optimizer, named)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
-    bar.set_postfix(dev=f"{state.best_dev:.3f}")
-    clock = time.perf_counter()
-    while state.step < cfg.steps:
-        batch_examples = train_batch(train_set, state.step, cfg)
-        batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
-        active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
-        loss, info = take_step(optimizer, model, task, batch, cfg, active)
-        if trajectory is not None:
-            trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
-        _count_skips(state, loss, info, cfg)
-        state.step += 1
-        state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
-        state.wall_time_s += time.perf_counter() - clock
-        clock = time.perf_counter()
-        run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
-                 "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            _check_finite(named, state.step)
-            dev = dev_metric()
-            state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
+    def checkpoint() -> None:
+        nonlocal saved_step
+        state.divergence = monitor.state_dict() if monitor is not None else {}
+        state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
+        run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+        saved_step = state.step
+
+    try:
+        if state.zero_shot is None:
+            state.zero_shot = dev_metric("zero-shot dev")
+            state.best_dev = state.zero_shot
+            _save_best(run, model, tokenizer)
             _snapshot_scores(state, optimizer, named)
-            if dev > state.best_dev:
-                state.best_dev, state.best_step = dev, state.step
-                run.save_best(_weights(named))
-            state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
-            run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+        if cfg.on_divergence == "rollback" and saved_step is None:
+            checkpoint()  # something to roll back to before the first evaluation
+        bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"{cfg.method} {task.name}")
+        bar.set_postfix(dev=f"{state.best_dev:.3f}")
+        clock = last_save = time.perf_counter()
+        while state.step < cfg.steps:
+            with guard:  # Ctrl-C waits for the step to end: weights are mid-update inside it
+                batch_examples = train_batch(train_set, state.step, cfg)
+                batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
+                active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
+                loss, info = take_step(optimizer, model, task, batch, cfg, active)
+                if trajectory is not None:
+                    trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
+                state.step += 1
+                state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
+                state.wall_time_s += time.perf_counter() - clock
+                run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
+                         "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
+            evaluate_now = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            diverged = _divergence(state, monitor, loss, info) or (evaluate_now and _nonfinite_weights(named))
+            if diverged and _can_roll_back(cfg, run, state):
+                at = state.step
+                state, trajectory = _roll_back(run, named, optimizer, trajectory, state.rollbacks + 1)
+                monitor, saved_step = _divergence_guard(cfg, state), state.step
+                _say(progress, f"step {at}: {diverged}; rolled back to step {state.step} with lr "
+                               f"{optimizer.param_groups[0]['lr']:g}")
+                bar.reset(total=cfg.steps)
+                bar.update(state.step)
+                clock = last_save = time.perf_counter()
+                continue
+            if diverged:
+                stopped = _stop_message(state, diverged, task.metric, optimizer.param_groups[0]["lr"])
+                break
+            if evaluate_now:
+                dev = dev_metric("dev")
+                state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
+                _snapshot_scores(state, optimizer, named)
+                if dev > state.best_dev:
+                    bar.set_postfix_str("saving best weights")
+                    _save_best(run, model, tokenizer)
+                    state.best_dev, state.best_step = dev, state.step
+            if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
+                bar.set_postfix_str("saving checkpoint")
+                checkpoint()
+                last_save = time.perf_counter()
             clock = time.perf_counter()  # evaluation and saving are not training time
-    bar.close()
-    if trajectory is not None:
-        trajectory.close()
-    _load_weights(named, run.load_best())
+        bar.close()
+        saved_step = state.step  # from here on the weights are not the step's: Ctrl-C saves nothing more
+        if trajectory is not None:
+            trajectory.close()
+        _load_best(run, model, named, state.best_step)
+        test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
+    except KeyboardInterrupt:
+        raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
-        "metric": task.metric, "zero_shot": state.zero_shot, "best_dev": state.best_dev,
-        "best_step": state.best_step, "test": evaluate(model, tokenizer, task, test_set, cfg),
+        "metric": task.metric, "zero_shot": _round(state.zero_shot), "best_dev": _round(state.best_dev),
+        "best_step": state.best_step, "test": _round(test),
         "steps": state.step, "forward_passes": state.forward_passes,
         "wall_time_s": round(state.wall_time_s, 2), "lr": cfg.resolved_lr(), "eps": cfg.eps,
-        "seed": cfg.seed, "evals": state.evals,
+        "seed": cfg.seed, "evals": [{**e, "dev": _round(e["dev"])} for e in state.evals],
+        "rollbacks": state.rollbacks, "final_lr": float(optimizer.param_groups[0]["lr"]),
+        **({"diverged": stopped} if stopped else {}),
     }
     write_json(run.path / "results.json", results)
     if state.scores:
         write_json(run.path / "scores.json", state.scores)
     from .plots import plot_run  # matplotlib is only needed once the run is done
 
+    _say(progress, "drawing plots")
     plot_run(run.path)
+    if cfg.resolved_keep() == "trajectory":
+        run.drop_weights()
     return results
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+def checkpoint_due(cfg: TrainConfig, step: int, seconds_since_last: float) -> bool:
+    """Whether the schedule asks for a checkpoint now (evaluations write one as well)."""
+    by_steps = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+    return by_steps or seconds_since_last >= 60.0 * cfg.checkpoint_minutes
+
+
+def _interrupted(run: RunDir, state: TrainState, save: Callable[[], None] | None) -> RunInterrupted:
+    """Save what Ctrl-C left (unless the checkpoint is current or the step was torn) and say how to go on."""
+    if save is not None:
+        save()
+    saved = run.checkpoint_step()
+    where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint yet"
+    hint = f"; continue with `curvzo train --resume {run.path}`" if saved is not None else ""
+    return RunInterrupted(f"interrupted at step {state.step}: {where}{hint}")
+
+
+def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
     """Dev and test metric of a run folder's best weights (``curvzo eval``)."""
     run = RunDir(run_dir)
     cfg = run.read_config()
+    _say(progress, f"loading data and {cfg.model}")
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
-    _load_weights(named, run.load_best())
-    return {"task": task.name, "metric": task.metric, "dev": evaluate(model, tokenizer, task, dev_set, cfg),
-            "test": evaluate(model, tokenizer, task, test_set, cfg)}
+    _load_best(run, model, named, run.train_state()["best_step"])
+    bars = ("dev", "test") if progress else (None, None)
+    return {"task": task.name, "metric": task.metric,
+            "dev": _round(evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0])),
+            "test": _round(evaluate(model, tokenizer, task, test_set, cfg, progress=bars[1]))}
 
 
 # ---------------------------------------------------------------------- components
+def _say(progress: bool, text: str) -> None:
+    """A status line on stderr, beside the progress bars (which ``progress=False`` silences too)."""
+    if progress:
+        tqdm.write(text, file=sys.stderr)
+
+
 def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torch.nn.Module, Any, list]:
     """Task, rendered (train, dev, test) examples, model with its adapter, tokenizer, trainables."""
     task = resolve_task(cfg.task)
@@ -241,9 +330,16 @@ def _active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples: list[Example], cfg: TrainConfig) -> float:
-    """Dev/test metric: accuracy for classification, mean F1 of greedy answers for generation."""
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples: list[Example], cfg: TrainConfig,
+    *, progress: str | None = None,
+) -> float:
+    """Dev/test metric: accuracy for classification, mean F1 of greedy answers for generation.
+
+    ``progress`` names a progress bar over the examples (None: silent).
+    """
     total = 0.0
+    bar = tqdm(total=len(examples), desc=progress, unit="ex", leave=False, disable=progress is None)
     for start in range(0, len(examples), cfg.eval_batch_size):
         chunk = examples[start : start + cfg.eval_batch_size]
         if task.output_type == "generate_until":
@@ -252,25 +348,71 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, task: TaskConfig, examples:
         else:
             batch = scoring.encode(tokenizer, chunk, max_length=cfg.max_length).to(cfg.resolved_device())
             total += scoring.accuracy(model, batch) * len(chunk)
+        bar.update(len(chunk))
+    bar.close()
     return total / len(examples)
 
 
-def _count_skips(state: TrainState, loss: float, info: dict[str, Any], cfg: TrainConfig) -> None:
-    """Single non-finite steps are skipped by the optimizer; a run of them means divergence."""
+def _round(metric: float) -> float:
+    """Metrics to 6 decimals: float32 means carry noise (0.6300000009536744) that no reader needs."""
+    return round(metric, 6)
+
+
+def _divergence_guard(cfg: TrainConfig, state: TrainState) -> DivergenceGuard | None:
+    """The run's guard, continued from the state a checkpoint saved (None: the guard is off)."""
+    if cfg.divergence_factor is None:
+        return None
+    return DivergenceGuard(**state.divergence) if state.divergence else DivergenceGuard(
+        factor=cfg.divergence_factor, patience=cfg.divergence_patience)
+
+
+def _divergence(state: TrainState, monitor: DivergenceGuard | None, loss: float, info: dict[str, Any]) -> str | None:
+    """Why the run has diverged, if it has: a run of skipped (non-finite) steps or the loss guard."""
     bad = info.get("skipped", False) or not math.isfinite(loss)
     state.skipped_in_a_row = state.skipped_in_a_row + 1 if bad else 0
     if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-        raise TrainingDiverged(
-            f"training diverged: {state.skipped_in_a_row} steps in a row had non-finite losses "
-            f"(step {state.step + 1}, lr {cfg.resolved_lr():g}); lower the learning rate"
-        )
+        return f"{state.skipped_in_a_row} steps in a row had non-finite losses"
+    if monitor is not None and monitor.update(loss):
+        return monitor.describe()
+    return None
 
 
-def _check_finite(named: list[tuple[str, torch.nn.Parameter]], step: int) -> None:
-    """Stop rather than evaluate (and checkpoint) weights that overflowed."""
+def _nonfinite_weights(named: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """Weights that overflowed are not evaluated (nor checkpointed)."""
     for name, p in named:
         if not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(f"training diverged: `{name}` has non-finite values at step {step}; lower the learning rate")
+            return f"`{name}` has non-finite values"
+    return None
+
+
+def _stop_message(state: TrainState, reason: str, metric: str, lr: float) -> str:
+    return (f"training diverged at step {state.step} ({reason}) and stopped early; results.json scores the best "
+            f"weights so far (step {state.best_step}, dev {metric} {state.best_dev:.4f}); try --lr {lower_lr(lr):g} "
+            "or `curvzo lr-find`")
+
+
+def _can_roll_back(cfg: TrainConfig, run: RunDir, state: TrainState) -> bool:
+    return cfg.on_divergence == "rollback" and state.rollbacks < MAX_ROLLBACKS and run.checkpoint_has_weights()
+
+
+def _roll_back(
+    run: RunDir, named: list, optimizer: torch.optim.Optimizer, trajectory: TrajectoryWriter | None, rollbacks: int
+) -> tuple[TrainState, TrajectoryWriter | None]:
+    """Back to the last checkpoint with half the current learning rate; the log and trajectory are cut back to it."""
+    halved = [group["lr"] / 2 for group in optimizer.param_groups]  # the checkpoint's may predate a roll-back
+    weights, saved = run.load_checkpoint()
+    _load_weights(named, weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, lr in zip(optimizer.param_groups, halved):
+        group["lr"] = lr
+    state = TrainState(**saved["train_state"])
+    state.rollbacks = rollbacks
+    run.truncate_log(state.step)
+    run.log({"step": state.step, "event": "rollback", "lr": optimizer.param_groups[0]["lr"]})
+    if trajectory is not None:
+        trajectory.close()
+        trajectory = TrajectoryWriter(trajectory.path, {}, resume_at=state.trajectory_bytes)
+    return state, trajectory
 
 
 # ---------------------------------------------------------------------- trajectories
@@ -294,27 +436,90 @@ def _open_trajectory(
     return TrajectoryWriter(run.path / TRAJECTORY_FILE, header)
 
 
-def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
-    """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
+def rebuild(
+    trajectory: str | Path, *, base_model: str | None = None, steps: int | None = None
+) -> tuple[torch.nn.Module, Any, list[tuple[str, torch.nn.Parameter]]]:
+    """Model (with its tokenizer and trainables) after the first ``steps`` steps of a trajectory (all: None).
+
+    The base model is the run's own unless ``base_model`` names another copy of it; other base
+    weights are refused, since replaying on them would build a model no run produced.
+    """
     header, records = read_trajectory(trajectory)
-    cfg = TrainConfig(**{**header["config"], "model": base_model})
-    model, _ = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    cfg = TrainConfig(**{**header["config"], **({"model": base_model} if base_model else {})})
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     named = trainable_named_parameters(model)
     if fingerprint(named) != header["fingerprint"]:
-        raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {base_model}")
-    optimizer = build_training_optimizer(cfg, model, named)
+        raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {cfg.model}")
+    done = _replay_records(build_training_optimizer(cfg, model, named), records, steps)
+    if steps is not None and done < steps:
+        raise CheckpointError(f"trajectory {trajectory} holds {done} steps, not {steps}")
+    return model, tokenizer, named
+
+
+def _replay_records(optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper], steps: int | None) -> int:
+    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many."""
+    done = 0
     for record in records:
         if isinstance(record, Hyper):
             for group, lr, wd, eps in zip(optimizer.param_groups, record.lr, record.weight_decay, record.eps):
                 group["lr"], group["weight_decay"], group["eps"] = lr, wd, eps
+        elif steps is not None and done == steps:
+            break
         else:
             optimizer.replay(record.grad, active=record.active)
-    save_trainable(model, out_dir)
+            done += 1
+    return done
+
+
+def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
+    """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
+    model, tokenizer, named = rebuild(trajectory, base_model=base_model)
+    save_trainable(model, out_dir, tokenizer)
     return named
 
 
+def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
+    """Write a run's weights at ``step`` (``best``, ``last`` or a step number) as a Hugging Face folder.
+
+    ZO runs are rebuilt from their trajectory, whatever they kept; first-order runs have no
+    trajectory and export the ``best/`` folder they keep.
+    """
+    run = RunDir(run_dir)
+    run.read_config()  # a clear error for a folder that is not a run
+    if isinstance(step, str) and step.isdigit():
+        step = int(step)
+    counters = run.train_state()
+    number = {"best": counters["best_step"], "last": counters["step"]}.get(step, step)
+    if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= counters["step"]:
+        raise ConfigError(f"--step must be best, last or a step number from 0 to {counters['step']}, got {step!r}")
+    if not (run.path / TRAJECTORY_FILE).exists():
+        if step != "best" or not (run.path / BEST).is_dir():
+            raise CheckpointError(f"{run.path} has no trajectory to rebuild step {step} from (a first-order run keeps only best/)")
+        shutil.copytree(run.path / BEST, out_dir)
+        return Path(out_dir)
+    model, tokenizer, _ = rebuild(run.path / TRAJECTORY_FILE, steps=number)
+    return save_trainable(model, out_dir, tokenizer)
+
+
 # ---------------------------------------------------------------------- state helpers
+#: Folder of a run's best-dev weights: a ``save_pretrained`` folder (a PEFT adapter folder for adapters).
+BEST = "best"
+
+
+def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
+    save_trainable(model, run.path / BEST, tokenizer)
+
+
+def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int) -> None:
+    """Put the best-dev weights into ``model``: from best/, or rebuilt from the trajectory when not kept."""
+    if (run.path / BEST).is_dir():
+        load_trainable(model, run.path / BEST)
+        return
+    _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
+    _load_weights(named, {name: p.detach() for name, p in rebuilt})
+
+
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """A CPU copy: what safetensors files hold, whatever device the run uses."""
     return {name: p.detach().to("cpu", copy=True) for name, p in named}
@@ -332,12 +537,18 @@ def _checkpoint_state(state: TrainState, optimizer: torch.optim.Optimizer) -> di
 
 def _restore(run: RunDir, named: list, optimizer: torch.optim.Optimizer) -> TrainState:
     weights, saved = run.load_checkpoint()
-    _load_weights(named, weights)
+    state = TrainState(**saved["train_state"])
+    if weights is None:  # the run kept its trajectory, not its weights: replay it from the start weights
+        header, records = read_trajectory(run.path / TRAJECTORY_FILE, end=state.trajectory_bytes)
+        if fingerprint(named) != header["fingerprint"]:
+            raise CheckpointError(f"cannot resume {run.path}: its trajectory was recorded on other base weights")
+        _replay_records(optimizer, records, state.step)
+    else:
+        _load_weights(named, weights)
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except ValueError as err:  # e.g. a state whose noise this engine cannot continue
         raise CheckpointError(f"cannot resume {run.path}: {err}") from None
-    state = TrainState(**saved["train_state"])
     run.truncate_log(state.step)
     return state
 

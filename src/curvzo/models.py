@@ -41,7 +41,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from curvzo.errors import ConfigError, ModelError
-from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode
+from curvzo.hub import hub_unreachable
+from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode, torch_dtype
 from curvzo.optim._validate import is_int, is_real
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "load_tokenizer",
     "apply_peft",
     "save_trainable",
+    "load_trainable",
     "trainable_named_parameters",
 ]
 
@@ -124,10 +126,10 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map ``"float32" | "bfloat16" | "float16"`` (or the torch dtype itself) to a torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in {torch_dtype(name) for name in DTYPES}:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
+        return torch_dtype(dtype)
     raise ConfigError(f"Invalid dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
 
 
@@ -264,6 +266,11 @@ def resolve_model(
         return str(path)
     if _looks_like_path(name):
         raise ModelError(f"Model folder {str(path)!r} does not exist")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelError(f"Model {name!r} is neither a local folder nor a built-in alias ({_alias_suggestion(name)}) "
+                         f"and needs the Hugging Face hub, but {unreachable}; set HF_HUB_OFFLINE=1 to read the "
+                         "hub's local cache")
     return name
 
 
@@ -482,16 +489,44 @@ def _init_adapter(model: torch.nn.Module, seed: int) -> None:
         param.copy_(values)
 
 
-def save_trainable(model: torch.nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """Save what was trained, atomically: the adapter for a PEFT model, else the whole model.
+def save_trainable(
+    model: torch.nn.Module, folder: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Save what was trained as a Hugging Face folder, atomically (with ``tokenizer`` when given).
 
-    Both go through ``save_pretrained`` (safetensors): PEFT's writes only the adapter weights and
-    config, a plain model writes everything ``from_pretrained`` needs. An existing ``folder`` is
-    replaced only once the new one is complete.
+    Both go through ``save_pretrained`` (safetensors): a plain model writes everything
+    ``AutoModelForCausalLM.from_pretrained`` needs (config, generation config, weights), a PEFT
+    model its adapter folder for ``PeftModel.from_pretrained(base, folder)``. An existing
+    ``folder`` is replaced only once the new one is complete.
     """
     target = Path(folder)
-    _atomic_folder(target, lambda tmp: model.save_pretrained(tmp), replace=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    _atomic_folder(target, write, replace=True)
     return target
+
+
+@torch.no_grad()
+def load_trainable(model: torch.nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Load a :func:`save_trainable` folder's weights into ``model`` in place (an adapter into a PEFT model)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected or not weights:
+        raise ModelError(f"{folder} does not hold this model's weights ({len(unexpected)} unknown tensors)")
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

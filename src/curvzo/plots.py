@@ -44,15 +44,18 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     fig_loss, ax_loss = plt.subplots(figsize=(7, 4))
     fig_dev, ax_dev = plt.subplots(figsize=(7, 4))
+    metrics = set()
     for run in runs:
         log = [r for r in RunDir(run).read_log() if "loss" in r]
         ax_loss.plot([r["forward_passes"] for r in log], _smooth([r["loss"] for r in log]), label=_label(run))
         results = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
+        metrics.add(results.get("metric", "metric"))
         evals = [{"forward_passes": 0, "dev": results.get("zero_shot")}] + results.get("evals", [])
         evals = [e for e in evals if e["dev"] is not None]
         ax_dev.plot([e["forward_passes"] for e in evals], [e["dev"] for e in evals], marker="o", label=_label(run))
     ax_loss.set(xlabel="forward passes (examples)", ylabel="training loss (smoothed)", title="Training loss")
-    ax_dev.set(xlabel="forward passes (examples)", ylabel="dev metric", title="Dev metric")
+    metric = metrics.pop() if len(metrics) == 1 else "metric"  # runs of several tasks share one axis
+    ax_dev.set(xlabel="forward passes (examples)", ylabel=f"dev {metric}", title=f"Dev {metric}")
     for ax in (ax_loss, ax_dev):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -67,7 +70,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     paths = plot_runs([run], run / "plots")
     log = [r for r in RunDir(run).read_log() if "budget" in r]
-    if log:
+    if any(r["budget"] != 1.0 for r in log):  # a dense method (MeZO) perturbs everything: nothing to draw
         fig, ax = plt.subplots(figsize=(7, 3))
         ax.plot([r["step"] for r in log], [r["budget"] for r in log], label="budget fraction f")
         ax.set(xlabel="step", ylabel="budget fraction", title="Perturbation budget", ylim=(0, 1))

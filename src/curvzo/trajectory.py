@@ -129,11 +129,11 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def read_trajectory(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[Step | Hyper]]:
-    """The header and the records of a trajectory file (a torn last record is dropped)."""
+def read_trajectory(path: str | os.PathLike, end: int | None = None) -> tuple[dict[str, Any], Iterator[Step | Hyper]]:
+    """The header and the records of a trajectory file, or of its first ``end`` bytes (a torn last record is dropped)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = path.read_bytes()[:end]
     except OSError as err:
         raise CheckpointError(f"cannot read trajectory {path}: {err.strerror}") from None
     if data.startswith(_MAGIC_PREFIX) and not data.startswith(MAGIC):

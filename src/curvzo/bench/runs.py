@@ -214,7 +214,7 @@ def execute(run: Run, *, keep_weights: bool = False, progress: bool = True) -> d
             from ..finetune import train
 
             try:
-                results = train(run.config, resume=run.resumable, progress=progress)
+                results = train(run.config, resume=run.resumable, overwrite=True, progress=progress)  # the grid owns its folders
             except TrainingDiverged as err:  # a too-large lr is a result of the sweep, not a failure
                 results = _diverged_results(run, err)
             line = (f"zero-shot dev {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "

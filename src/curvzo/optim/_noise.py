@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, get_args
-
 import torch
 
 from ._blocks import Block, block_seed
+from ._options import Noise
 
-__all__ = ["NOISE_VERSION", "UNIT_ELEMENTS", "Noise", "NOISES", "NoiseSource", "unit_elements", "unit_seed"]
+__all__ = ["NOISE_VERSION", "UNIT_ELEMENTS", "NoiseSource", "unit_elements", "unit_seed"]
 
 #: Stamped into trajectories and optimizer states: the noise of another version cannot be rebuilt.
 NOISE_VERSION = 2
@@ -31,9 +30,6 @@ NOISE_VERSION = 2
 #: on accelerators (one generator call per unit is one kernel launch).
 UNIT_ELEMENTS = {"cpu": 1 << 14}
 _UNIT_ACCELERATOR = 1 << 22
-
-Noise = Literal["gaussian", "rademacher"]
-NOISES: tuple[str, ...] = get_args(Noise)
 
 _MASK64 = (1 << 64) - 1
 #: Row v holds the eight signs that the bits of byte v stand for: one random byte, eight elements.

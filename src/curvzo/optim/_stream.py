@@ -130,13 +130,13 @@ def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward and "forward" not in module.__dict__
 
 
-def _embedding_forward(module: nn.Embedding, ctx: Perturbation, weight: torch.Tensor) -> Any:
+def _embedding_forward(ctx: Perturbation, weight: torch.Tensor) -> Any:
     def forward(input: torch.Tensor) -> torch.Tensor:
         return ctx.rows(weight, input)
     return forward
 
 
-def _linear_forward(module: nn.Linear, ctx: Perturbation, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+def _linear_forward(ctx: Perturbation, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         b = None if bias is None else (ctx.values(bias, 0, bias.numel()) if ctx.touches(bias) else bias)
         if x.numel() == 0:  # nothing reads the weight (e.g. a head asked for no positions)
@@ -174,10 +174,10 @@ def streamed(owners: list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]], ctx
             if not own:
                 continue
             if _plain(module, nn.Embedding) and module.max_norm is None:
-                module.forward = _embedding_forward(module, ctx, module.weight)  # type: ignore[method-assign]
+                module.forward = _embedding_forward(ctx, module.weight)  # type: ignore[method-assign]
                 overridden.append(module)
             elif _plain(module, nn.Linear) and module.weight.numel() > ctx.max_chunk:
-                module.forward = _linear_forward(module, ctx, module.weight, module.bias)  # type: ignore[method-assign]
+                module.forward = _linear_forward(ctx, module.weight, module.bias)  # type: ignore[method-assign]
                 overridden.append(module)
             else:
                 handles.append(module.register_forward_pre_hook(lambda m, args, own=own: swap_in(m, own)))

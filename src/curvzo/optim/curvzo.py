@@ -10,10 +10,10 @@ import torch
 
 from torch import nn
 
-from ._noise import Noise
+from ._options import Noise, Rounding
 from ._sampling import draw_multinomial, draw_poisson, draw_uniform, pps_inclusion
 from ._validate import is_int, is_real
-from .optimizer import DEFAULT_MAX_CHUNK, Rounding, StepRecord, ZOOptimizer
+from .optimizer import DEFAULT_MAX_CHUNK, StepRecord, ZOOptimizer
 
 __all__ = ["CurvZO"]
 

@@ -9,8 +9,8 @@ import torch
 
 from torch import nn
 
-from ._noise import Noise
-from .optimizer import DEFAULT_MAX_CHUNK, Rounding, ZOOptimizer
+from ._options import Noise, Rounding
+from .optimizer import DEFAULT_MAX_CHUNK, ZOOptimizer
 
 __all__ = ["MeZO"]
 

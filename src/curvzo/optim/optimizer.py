@@ -24,23 +24,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from torch import nn
 
 from ._blocks import Block, build_blocks
-from ._noise import NOISE_VERSION, NOISES, Noise, NoiseSource, unit_elements
+from ._noise import NOISE_VERSION, NoiseSource, unit_elements
+from ._options import NOISES, ROUNDINGS, Noise, Rounding
 from ._rounding import round_stochastic
 from ._stream import Perturbation, owned_parameters, streamed
 from ._validate import is_int, is_real
 
-__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "ROUNDINGS", "Rounding", "DEFAULT_MAX_CHUNK"]
+__all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "DEFAULT_MAX_CHUNK"]
 
 Closure = Callable[[], Any]
-Rounding = Literal["nearest", "stochastic", "master"]
-ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 #: Largest piece of a tensor perturbed, drawn or updated at once (4M elements: 16 MB in fp32).
 DEFAULT_MAX_CHUNK = 1 << 22
@@ -105,6 +104,15 @@ def _to_host(values: list[torch.Tensor]) -> torch.Tensor:
     for index in by_device.values():
         out[index] = torch.stack([values[i] for i in index]).to("cpu", torch.float64)
     return out
+
+
+def _fp32_scalar(x: float) -> float:
+    """``x`` as an fp32 kernel can take it: beyond fp32's range it is +-inf (the update overflows
+    the weights, as the same product computed in fp32 would) rather than an error."""
+    return x if abs(x) <= _FP32_MAX or not math.isfinite(x) else math.copysign(math.inf, x)
+
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _as_float(loss: Any) -> float:
@@ -192,7 +200,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _module_owners(self) -> list:
         """(module, its managed parameters) for every module of ``model`` that owns one."""
         if self._owners is None:
-            managed = set(self._param_blocks) if self._blocks is not None else {id(b.param) for b in self.blocks}
+            managed = {id(block.param) for block in self.blocks}
             self._owners = owned_parameters(self.model, managed)
             owned = {id(p) for _, own in self._owners for _, p in own}
             if owned != managed:
@@ -402,7 +410,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             block = self.blocks[block_id]
             g = block.group
             lr, decay = record.lr[g], record.lr[g] * record.weight_decay[g]
-            scale = -lr * (record.grad * (record.eps[0] / record.eps[g])) / pi
+            scale = _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / pi)
             squares = []
             if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
