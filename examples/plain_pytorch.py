@@ -1,0 +1,22 @@
+"""CurvZO as a plain PyTorch optimizer: the closure returns the loss, and there is no backward.
+
+    python examples/plain_pytorch.py                  # SmolLM2-135M
+    MODEL=path/to/model STEPS=5 python examples/plain_pytorch.py
+"""
+
+import os
+
+import curvzo
+
+model, tokenizer = curvzo.load_model(os.environ.get("MODEL", "smollm2-135m"))
+model.eval()  # dropout off: the two perturbed forwards must evaluate the same function
+texts = ["The film was a delight from start to finish.", "A dull, lifeless and overlong movie."]
+batch = tokenizer(texts, return_tensors="pt", padding=True)
+labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+# model=: perturb each module only while it runs, so a step needs no copy of the weights
+opt = curvzo.CurvZO(model.parameters(), lr=1e-5, eps=1e-3, dense_below=16384, seed=0, model=model)
+for step in range(int(os.environ.get("STEPS", 20))):
+    loss = opt.step(lambda: model(**batch, labels=labels).loss)  # two forwards, under no_grad
+    info = opt.last_step
+    print(f"step {step}: loss {loss:.4f}, projected gradient {info.grad:+.3f}, {info.num_blocks} blocks")
