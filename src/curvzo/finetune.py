@@ -88,9 +88,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     _say(progress, f"run folder {run.path}")
     state = _restore(run, named, optimizer) if resume else TrainState()
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
-    guard = StepGuard()
+    step_guard = StepGuard()
     saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
-    monitor = _divergence_guard(cfg, state)
+    loss_guard = _divergence_guard(cfg, state)
     stopped: str | None = None  # why the run stopped early
 
     def dev_metric(desc: str) -> float:
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     def checkpoint() -> None:
         nonlocal saved_step
-        state.divergence = monitor.state_dict() if monitor is not None else {}
+        state.divergence = loss_guard.state_dict() if loss_guard is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
         run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
         saved_step = state.step
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         bar.set_postfix(dev=f"{state.best_dev:.3f}")
         clock = last_save = time.perf_counter()
         while state.step < cfg.steps:
-            with guard:  # Ctrl-C waits for the step to end: weights are mid-update inside it
+            with step_guard:  # Ctrl-C waits for the step to end: weights are mid-update inside it
                 batch_examples = train_batch(train_set, state.step, cfg)
                 batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
                 active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
@@ -130,11 +130,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
             evaluate_now = state.step % cfg.eval_every == 0 or state.step == cfg.steps
-            diverged = _divergence(state, monitor, loss, info) or (evaluate_now and _nonfinite_weights(named))
+            diverged = _divergence(state, loss_guard, loss, info) or (evaluate_now and _nonfinite_weights(named))
             if diverged and _can_roll_back(cfg, run, state):
                 at = state.step
                 state, trajectory = _roll_back(run, named, optimizer, trajectory, state.rollbacks + 1)
-                monitor, saved_step = _divergence_guard(cfg, state), state.step
+                loss_guard, saved_step = _divergence_guard(cfg, state), state.step
                 _say(progress, f"step {at}: {diverged}; rolled back to step {state.step} with lr "
                                f"{optimizer.param_groups[0]['lr']:g}")
                 bar.reset(total=cfg.steps)
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         _load_best(run, model, named, state.best_step)
         test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
     except KeyboardInterrupt:
-        raise _interrupted(run, state, None if guard.torn or saved_step == state.step else checkpoint) from None
+        raise _interrupted(run, state, None if step_guard.torn or saved_step == state.step else checkpoint) from None
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
         "metric": task.metric, "zero_shot": _round(state.zero_shot), "best_dev": _round(state.best_dev),
@@ -366,14 +366,14 @@ def _divergence_guard(cfg: TrainConfig, state: TrainState) -> DivergenceGuard | 
         factor=cfg.divergence_factor, patience=cfg.divergence_patience)
 
 
-def _divergence(state: TrainState, monitor: DivergenceGuard | None, loss: float, info: dict[str, Any]) -> str | None:
+def _divergence(state: TrainState, loss_guard: DivergenceGuard | None, loss: float, info: dict[str, Any]) -> str | None:
     """Why the run has diverged, if it has: a run of skipped (non-finite) steps or the loss guard."""
     bad = info.get("skipped", False) or not math.isfinite(loss)
     state.skipped_in_a_row = state.skipped_in_a_row + 1 if bad else 0
     if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         return f"{state.skipped_in_a_row} steps in a row had non-finite losses"
-    if monitor is not None and monitor.update(loss):
-        return monitor.describe()
+    if loss_guard is not None and loss_guard.update(loss):
+        return loss_guard.describe()
     return None
 
 
