@@ -34,6 +34,7 @@ _UNIT_ACCELERATOR = 1 << 22
 _MASK64 = (1 << 64) - 1
 #: Row v holds the eight signs that the bits of byte v stand for: one random byte, eight elements.
 _SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2.0 - 1.0
+_SIGNS_ON: dict[torch.device, torch.Tensor] = {}  # the table on each device that has drawn from it
 
 
 def unit_elements(block: Block) -> int:
@@ -84,7 +85,9 @@ def _draw(out: torch.Tensor, gen: torch.Generator, noise: Noise) -> None:
     # Rademacher: one random byte gives eight signs, looked up in a table.
     n = out.numel()
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=out.device).random_(generator=gen)
-    signs = _SIGNS.to(out.device)
+    signs = _SIGNS_ON.get(out.device)
+    if signs is None:
+        signs = _SIGNS_ON[out.device] = _SIGNS.to(out.device)
     if n % 8 == 0:
         torch.index_select(signs, 0, packed.int(), out=out.view(-1, 8))
     else:
