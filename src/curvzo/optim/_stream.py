@@ -30,7 +30,7 @@ from torch import nn
 from ._blocks import Block
 from ._noise import NoiseSource, unit_elements
 
-__all__ = ["Perturbation", "read_rows", "streamed", "owned_parameters"]
+__all__ = ["Perturbation", "pieces", "read_rows", "streamed", "owned_parameters"]
 
 _ACTIVE: list[Perturbation] = []  # the perturbations closures are running under, innermost last
 
@@ -59,12 +59,22 @@ class Perturbation:
     def values(self, param: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """A perturbed copy of ``param.view(-1)[lo:hi]`` in the parameter's dtype."""
         flat = param.detach().view(-1)[lo:hi]
+        sampled = self._by_param.get(id(param), ())
         exact = flat.dtype == torch.float32
+        if exact and len(sampled) == 1 and sampled[0][0].start <= lo and hi <= sampled[0][0].end:
+            # One block covers the range (a whole module's tensor): theta + scale z in one pass each.
+            block, scale = sampled[0]
+            out = torch.empty_like(flat)
+            for a, b in pieces(block, lo - block.start, hi - block.start, self.max_chunk):
+                z = self.noise.fill(block, self.seed, a, b, self.noise.buffer(b - a, out.device))
+                torch.add(flat[a + block.start - lo : b + block.start - lo], z, alpha=scale,
+                          out=out[a + block.start - lo : b + block.start - lo])
+            return out
         out = flat.clone() if exact else flat.float()
-        for block, scale in self._by_param.get(id(param), ()):
-            for a, b in _pieces(max(lo, block.start), min(hi, block.end), self.max_chunk):
-                z = self.noise.fill(block, self.seed, a - block.start, b - block.start, self.noise.buffer(b - a, out.device))
-                out[a - lo : b - lo].add_(z, alpha=scale)
+        for block, scale in sampled:
+            for a, b in pieces(block, max(lo, block.start) - block.start, min(hi, block.end) - block.start, self.max_chunk):
+                z = self.noise.fill(block, self.seed, a, b, self.noise.buffer(b - a, out.device))
+                out[a + block.start - lo : b + block.start - lo].add_(z, alpha=scale)
         return out if exact else out.to(param.dtype)
 
     def rows(self, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -97,9 +107,16 @@ class Perturbation:
         return table.to(param.dtype)[inverse].view(*rows.shape, *param.shape[1:])
 
 
-def _pieces(lo: int, hi: int, size: int) -> Iterator[tuple[int, int]]:
-    for a in range(lo, hi, size):
-        yield a, min(hi, a + size)
+def pieces(block: Block, lo: int, hi: int, max_chunk: int) -> Iterator[tuple[int, int]]:
+    """Block-relative pieces of ``[lo, hi)`` cut at multiples of the noise unit, each of at most
+    ``max_chunk`` elements (at least one unit): no unit is drawn for two pieces."""
+    unit = unit_elements(block)
+    size = max(unit, max_chunk // unit * unit)
+    a = lo
+    while a < hi:
+        b = min(hi, (a // size + 1) * size)
+        yield a, b
+        a = b
 
 
 def read_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

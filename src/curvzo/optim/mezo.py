@@ -35,7 +35,7 @@ class MeZO(ZOOptimizer):
             ``"nearest"`` drops them (default: nearest).
         model (nn.Module, optional): the module the closure runs; with it perturbations are
             streamed module by module, at inference memory (default: None, see ZOOptimizer).
-        max_chunk (int): largest piece perturbed, drawn or updated at once (default: 4,194,304).
+        max_chunk (int): largest piece perturbed, drawn or updated at once (default: 1,048,576).
         noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
 
     Example:

@@ -34,15 +34,15 @@ from ._blocks import Block, build_blocks
 from ._noise import NOISE_VERSION, NoiseSource, unit_elements
 from ._options import NOISES, ROUNDINGS, Noise, Rounding
 from ._rounding import round_stochastic
-from ._stream import Perturbation, owned_parameters, streamed
+from ._stream import Perturbation, owned_parameters, pieces, streamed
 from ._validate import is_int, is_real
 
 __all__ = ["ZOOptimizer", "StepRecord", "StepInfo", "decay_param_groups", "DEFAULT_MAX_CHUNK"]
 
 Closure = Callable[[], Any]
 
-#: Largest piece of a tensor perturbed, drawn or updated at once (4M elements: 16 MB in fp32).
-DEFAULT_MAX_CHUNK = 1 << 22
+#: Largest piece of a tensor perturbed, drawn or updated at once (1M elements: 4 MB in fp32).
+DEFAULT_MAX_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             whole closure (memory of the sampled set). Default: None.
         max_chunk (int): the largest number of elements perturbed, drawn or updated in one piece
             (rounded up to a whole noise unit); embeddings and output layers larger than this are
-            perturbed by rows or by chunks of rows. Default: 4,194,304 (16 MB of fp32).
+            perturbed by rows or by chunks of rows. Default: 1,048,576 (4 MB of fp32).
         noise (str): ``"gaussian"`` (default) or ``"rademacher"`` (random signs).
     """
 
@@ -391,12 +391,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 block.view().copy_(original)
         return losses[0], losses[1]
 
-    def _chunks(self, block: Block) -> list[tuple[int, int]]:
-        """Block-relative pieces of at most ``max_chunk`` elements (whole noise units)."""
-        unit = unit_elements(block)
-        size = max(unit, self.max_chunk // unit * unit)
-        return [(lo, min(lo + size, block.numel)) for lo in range(0, block.numel, size)]
-
     @torch.no_grad()
     def apply(self, record: StepRecord) -> torch.Tensor:
         """Apply the update a record describes: theta_b -= lr * ((g / pi_b) z_b + wd * theta_b).
@@ -414,7 +408,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             squares = []
             if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
-            for lo, hi in self._chunks(block):
+            for lo, hi in pieces(block, 0, block.numel, self.max_chunk):
                 z = self._noise.fill(block, record.seed, lo, hi, self._noise.buffer(hi - lo, block.param.device))
                 if self._needs_noise_norms:
                     squares.append(torch.dot(z, z))
