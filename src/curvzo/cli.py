@@ -2,13 +2,13 @@
 
     curvzo train                          # embedded default: CurvZO, SmolLM2-135M, MR
     curvzo train --config configs/sst2-curvzo.yaml --steps 500 --set optimizer_options.pi_floor=0.05
-    curvzo train --resume runs/default    # continue a run from its last checkpoint
-    curvzo eval runs/default              # dev and test metric of a run's best weights
+    curvzo train --resume runs/mr-curvzo-20261130-043100    # continue a run from its last checkpoint
+    curvzo eval runs/mr-curvzo-20261130-043100              # dev and test metric of a run's best weights
     curvzo plot runs/a runs/b --out cmp   # several runs on one figure
     curvzo models list | curvzo models fetch smollm2-135m
     curvzo tasks
-    curvzo replay smollm2-135m runs/default/trajectory.czt --out rebuilt   # weights from a trajectory
-    curvzo export runs/default --step best --out best-model               # a run's weights at a step
+    curvzo replay smollm2-135m runs/mr-curvzo-20261130-043100/trajectory.czt --out rebuilt   # weights from a trajectory
+    curvzo export runs/mr-curvzo-20261130-043100 --step best --out best-model               # a run's weights at a step
     curvzo lr-find --task sst2 --method mezo   # short lr range test: the largest stable lr and a suggestion
     curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
