@@ -378,17 +378,21 @@ class ZOOptimizer(torch.optim.Optimizer):
     ) -> tuple[float, float]:
         """Without a model to stream through: write the perturbed blocks, evaluate, copy them back."""
         originals = [b.view().clone() for b in blocks]
+
+        def restore() -> None:
+            for block, original in zip(blocks, originals):
+                block.view().copy_(original)
+
         losses = []
         try:
-            for shift in shifts:
+            for i, shift in enumerate(shifts):
+                if i:
+                    restore()  # the next shift is computed from the original values
                 for block in blocks:
                     block.view().copy_(shift.values(block.param, block.start, block.end))
                 losses.append(_as_float(closure()))
-                for block, original in zip(blocks, originals):
-                    block.view().copy_(original)
         finally:
-            for block, original in zip(blocks, originals):
-                block.view().copy_(original)
+            restore()
         return losses[0], losses[1]
 
     @torch.no_grad()
