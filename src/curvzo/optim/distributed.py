@@ -53,7 +53,7 @@ from ._modes import PARALLEL_MODES, Parallel
 from ._stream import pieces
 from .optimizer import Draw, StepInfo, StepRecord, ZOOptimizer
 
-__all__ = ["DistributedZO"]
+__all__ = ["DistributedZO", "replay_queries"]
 
 _UNSET = object()
 
@@ -114,14 +114,14 @@ class DistributedZO:
         if closure is None:
             raise RuntimeError("DistributedZO.step requires a closure that returns the loss")
         opt = self.optimizer
-        draws = self._draws(active)
+        draws = _draws(opt, active, self.queries)
         if self.mode == "query":
             local = [self._evaluate(closure, draws[i][0]) for i in range(self.rank, self.queries, self.world)]
             losses = self._gather_queries(local)
         else:
             losses = [self._mean_over_ranks(self._evaluate(closure, draws[0][0]), weight)]
         two_eps = 2.0 * opt.param_groups[0]["eps"]
-        self._commit(draws, losses, [(plus - minus) / two_eps for plus, minus in losses])
+        self.last_steps = _commit(opt, draws, losses, [(plus - minus) / two_eps for plus, minus in losses], self._apply)
         return sum(0.5 * (plus + minus) for plus, minus in losses) / len(losses)
 
     @torch.no_grad()
@@ -130,43 +130,14 @@ class DistributedZO:
         no communication. Replaying a run's gradients from its start rebuilds its weights."""
         if len(grads) != self.queries:
             raise ValueError(f"a step of {self.queries} queries needs {self.queries} gradients, got {len(grads)}")
-        draws = self._draws(active)
-        return self._commit(draws, [(math.nan, math.nan)] * len(grads), list(grads))
+        self.last_steps = _commit(self.optimizer, _draws(self.optimizer, active, self.queries),
+                                  [(math.nan, math.nan)] * len(grads), list(grads), self._apply)
+        return self.last_steps
 
-    def _draws(self, active: torch.Tensor | None) -> list[tuple[Draw, dict[str, Any]]]:
-        """The step's q draws, each as if the previous ones were steps already taken (step
-        number, budget schedule), all from the statistics of the step's start.
-
-        Each draw comes with the attributes it (re)assigned on the optimizer: what ``_sample``
-        leaves for ``_observe`` (CurvZO's energy feedback keeps every block's pi), restored before
-        the draw's record is learnt from.
-        """
-        opt = self.optimizer
-        state = opt._global_state()
-        base = state["step"]
-        draws = []
-        try:
-            for i in range(self.queries):
-                state["step"] = base + i
-                before = dict(vars(opt))
-                draw = opt._draw(active)
-                draws.append((draw, {k: v for k, v in vars(opt).items() if before.get(k, _UNSET) is not v}))
-        finally:
-            state["step"] = base
-        return draws
-
-    def _commit(
-        self, draws: list[tuple[Draw, dict[str, Any]]], losses: list[tuple[float, float]], grads: list[float]
-    ) -> list[StepInfo]:
-        """Apply and learn from the q records in query order (a skipped one changes nothing)."""
-        opt = self.optimizer
-        apply = self._apply_shards if self.mode == "shard" else None
-        infos = []
-        for (draw, left), (plus, minus), grad in zip(draws, losses, grads):
-            vars(opt).update(left)
-            infos.append(opt._commit(draw, plus, minus, grad, apply=apply))
-        self.last_steps = infos
-        return infos
+    @property
+    def _apply(self) -> Callable[[StepRecord], torch.Tensor] | None:
+        """How this mode updates the weights (None: the optimizer's own ``apply``)."""
+        return self._apply_shards if self.mode == "shard" else None
 
     def _evaluate(self, closure: Callable[[], Any], draw: Draw) -> tuple[float, float]:
         if self.mode == "shard":
@@ -293,3 +264,47 @@ class DistributedZO:
             return squares
         return self._all_gather(squares).sum(0)
 
+
+
+@torch.no_grad()
+def replay_queries(optimizer: ZOOptimizer, grads: Sequence[float], *, active: torch.Tensor | None = None) -> list[StepInfo]:
+    """Redo one q-query step (q = ``len(grads)``) of one process from its q projected gradients:
+    how a query-parallel run's trajectory is replayed, on any number of processes."""
+    return _commit(optimizer, _draws(optimizer, active, len(grads)), [(math.nan, math.nan)] * len(grads), list(grads))
+
+
+def _draws(optimizer: ZOOptimizer, active: torch.Tensor | None, queries: int) -> list[tuple[Draw, dict[str, Any]]]:
+    """A step's ``queries`` draws, each as if the previous ones were steps already taken (step
+    number, budget schedule), all from the statistics of the step's start.
+
+    Each draw comes with the attributes it (re)assigned on the optimizer: what ``_sample`` leaves
+    for ``_observe`` (CurvZO's energy feedback keeps every block's pi), restored before the draw's
+    record is learnt from.
+    """
+    state = optimizer._global_state()
+    base = state["step"]
+    draws = []
+    try:
+        for i in range(queries):
+            state["step"] = base + i
+            before = dict(vars(optimizer))
+            draw = optimizer._draw(active)
+            draws.append((draw, {k: v for k, v in vars(optimizer).items() if before.get(k, _UNSET) is not v}))
+    finally:
+        state["step"] = base
+    return draws
+
+
+def _commit(
+    optimizer: ZOOptimizer,
+    draws: list[tuple[Draw, dict[str, Any]]],
+    losses: list[tuple[float, float]],
+    grads: list[float],
+    apply: Callable[[StepRecord], torch.Tensor] | None = None,
+) -> list[StepInfo]:
+    """Apply and learn from the records in query order (a skipped one changes nothing)."""
+    infos = []
+    for (draw, left), (plus, minus), grad in zip(draws, losses, grads):
+        vars(optimizer).update(left)
+        infos.append(optimizer._commit(draw, plus, minus, grad, apply=apply))
+    return infos

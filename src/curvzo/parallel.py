@@ -1,0 +1,182 @@
+"""The harness on several processes: the torchrun process group, who writes, and dead ranks.
+
+    torchrun --nproc-per-node 2 -m curvzo train --parallel data ...      # one machine, 2 processes
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m curvzo train --parallel query ...     # and the same on node 1
+
+The launch is torchrun's (its rendezvous, its environment: ``RANK``, ``WORLD_SIZE``, ...); the
+group is gloo on CPU and NCCL on GPU. Every rank runs the whole loop in lockstep (same batches,
+same evaluations), the ZO step exchanges scalars (:class:`curvzo.optim.DistributedZO`), and
+only rank 0 writes to the run folder, which the other ranks read (to resume, to load the best
+weights): on several machines it must be on storage they all see.
+
+Failures: a rank whose process dies breaks the next collective of every other rank, and torchrun
+stops the others (SIGTERM); either way each survivor raises :class:`~curvzo.errors.RankFailed`
+naming the dead rank (found among the ranks on its machine; a rank elsewhere is reported as
+such), and the CLI prints it as one line. The run folder keeps its last complete checkpoint.
+Collectives time out after :data:`COLLECTIVE_TIMEOUT_S` if a rank hangs rather than dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .errors import ConfigError, CurvzoError, RankFailed
+
+__all__ = ["Ranks", "start", "COLLECTIVE_TIMEOUT_S"]
+
+#: Longest wait in one collective: an evaluation plus a checkpoint of a large model fit in it.
+COLLECTIVE_TIMEOUT_S = 1800
+
+#: Config keys that need not agree across ranks (each picks its own default run folder name).
+_RANK_LOCAL = frozenset({"output_dir"})
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run: ``mode`` (None: a plain single-process run), rank, size."""
+
+    mode: str | None = None
+    rank: int = 0
+    world: int = 1
+    peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run folder, logs and plots (rank 0 only)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def agree(self, cfg: TrainConfig) -> TrainConfig:
+        """Refuse ranks whose configs differ (each one names the keys); adopt rank 0's run folder.
+
+        Collective: the first thing every rank does, so a mismatch stops the run before any work.
+        """
+        if not self.distributed:
+            return cfg
+        mine = {k: v for k, v in cfg.comparable().items() if k not in _RANK_LOCAL}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (mine, cfg.output_dir, socket.gethostname(), os.getpid()))
+        self.peers = [(host, pid) for _, _, host, pid in gathered]
+        reference = gathered[0][0]
+        for rank, (theirs, _, _, _) in enumerate(gathered[1:], start=1):
+            changed = sorted(k for k in reference.keys() | theirs.keys() if reference.get(k) != theirs.get(k))
+            if changed:
+                detail = ", ".join(f"{k}={theirs.get(k)!r} (rank 0: {reference.get(k)!r})" for k in changed[:4])
+                raise ConfigError(f"the ranks run different configs: rank {rank} has {detail}; every rank needs the same")
+        return replace(cfg, output_dir=gathered[0][1])
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Run a block whose input errors may strike some ranks only (a missing file on one
+        machine): every rank learns of the first one, and all raise it, so none waits forever
+        in a later collective. Rank 0 alone prints it (see ``cli``), prefixed by the rank."""
+        error: CurvzoError | None = None
+        try:
+            yield
+        except CurvzoError as err:
+            if not self.distributed:
+                raise
+            error = err
+        if not self.distributed:
+            return
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, None if error is None else (type(error).__name__, str(error)))
+        for rank, failure in enumerate(gathered):
+            if failure is not None:
+                if rank == self.rank and error is not None:
+                    raise error
+                raise ConfigError(f"rank {rank}: {failure[1]}")
+
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. for rank 0's files before the others read them)."""
+        if self.distributed:
+            dist.barrier()
+
+    def same_weights(self, digest: str) -> None:
+        """Refuse to go on if the ranks' weights differ (they never should: a digest at each checkpoint)."""
+        if not self.distributed:
+            return
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, digest)
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"the ranks' weights differ (digests {', '.join(d[:12] for d in gathered)})")
+
+    def dead(self) -> list[int]:
+        """Ranks whose process is gone (or a zombie), among those on this machine."""
+        here = socket.gethostname()
+        gone = []
+        for rank, (host, pid) in enumerate(self.peers):
+            if rank == self.rank or host != here:
+                continue
+            try:
+                status = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                gone.append(rank)
+                continue
+            if status.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+                gone.append(rank)
+        return gone
+
+    def failure(self, cause: str) -> RankFailed:
+        """The error a survivor raises: which rank died (``cause`` when none is found dead here)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not interrupt the report
+        gone = self.dead()
+        if gone:
+            who = ", ".join(f"rank {r} (pid {self.peers[r][1]})" for r in gone)
+            return RankFailed(f"{who} died; rank {self.rank} stops too")
+        remote = sorted({host for host, _ in self.peers} - {socket.gethostname()})
+        where = f" (ranks on {', '.join(remote)} cannot be checked from here)" if remote else ""
+        return RankFailed(f"rank {self.rank} stops: {cause}{where}")
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(cfg: TrainConfig) -> Ranks:
+    """Join torchrun's process group when launched by it (``WORLD_SIZE`` > 1).
+
+    A ``parallel`` mode without torchrun is one process (the mode's single-process reference); a
+    torchrun launch without a mode is refused, since its processes would all write one run folder.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel == "none":
+        if world > 1:
+            raise ConfigError(f"torchrun started {world} processes but `parallel` is none: add --parallel data, query or shard")
+        return Ranks()
+    if world == 1:
+        return Ranks(cfg.parallel, peers=[(socket.gethostname(), os.getpid())])
+    if cfg.parallel in ("data", "shard") and cfg.batch_size % world:
+        raise ConfigError(f"`batch_size` {cfg.batch_size} does not split evenly over {world} processes "
+                          f"(`parallel: {cfg.parallel}` gives each rank an equal share of every batch)")
+    if not dist.is_initialized():
+        if cfg.resolved_device().type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    ranks = Ranks(cfg.parallel, dist.get_rank(), dist.get_world_size())
+
+    def stopped(signum: int, frame: FrameType | None) -> None:
+        raise ranks.failure("the launcher stopped it (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, stopped)
+    return ranks
