@@ -89,6 +89,25 @@ def test_query_mode_is_replayed_by_one_process(tiny_dir, data_dir, tmp_path):
     assert all(torch.equal(final[name], rebuilt[name]) for name in final)
 
 
+def test_shard_mode_follows_one_process_and_its_records_replay_unsharded(tiny_dir, data_dir, tmp_path, single):
+    run = tmp_path / "shard"
+    code, err = _finish(_torchrun("-m", "curvzo", *_argv(tiny_dir, data_dir, run, "--parallel", "shard")))
+    assert code == 0, err
+    mine, theirs = _log(run), _log(single)
+    assert [r["blocks"] for r in mine] == [r["blocks"] for r in theirs]
+    assert [r["loss"] for r in mine] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
+    final, expected = _weights(run), _weights(single)  # rank 0 gathered the shards
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+    # Each rank updated its rows exactly as one process updates them, given the same g.
+    assert main(["replay", str(tiny_dir), str(run / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    assert all(torch.equal(final[name], rebuilt[name]) for name in final)
+    # The gathered checkpoint continues in one process.
+    assert main(["train", "--resume", str(run), "--steps", str(STEPS + 1), "--no-progress"]) == 0
+    assert len(_log(run)) == STEPS + 1
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     psutil = pytest.importorskip("psutil")
     for child in psutil.Process(parent).children(recursive=True):
@@ -141,6 +160,7 @@ def test_ranks_with_different_configs_are_refused(tiny_dir, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,env,message", [
+    (["--parallel", "model"], {}, "`parallel` must be one of none, data, query, shard"),
     (["--parallel", "data", "--method", "adamw"], {}, "`parallel: data` needs a ZO method"),
     (["--parallel", "shard", "--dtype", "bfloat16"], {}, "`parallel: shard` shards full fine-tuning of float32"),
     ([], {"WORLD_SIZE": "2"}, "torchrun started 2 processes but `parallel` is none"),

@@ -35,10 +35,12 @@ from .errors import CheckpointError, ConfigError, RankFailed, RunInterrupted
 from .divergence import DivergenceGuard, lower_lr
 from .interrupt import StepGuard
 from .io import write_json
-from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
+from .models import (
+    apply_peft, load_model, load_trainable, read_saved_weights, save_trainable, trainable_named_parameters,
+)
 from .optim import CurvZO, DistributedZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .optim.distributed import replay_queries
-from .parallel import Ranks, start
+from .parallel import Ranks, full_weights, load_local, reshard, shard_model, start
 from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
@@ -122,30 +124,36 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
         state = _restore(run, named, optimizer) if resume else TrainState()
     _say(progress, f"run folder {run.path}")
-    zo = DistributedZO(optimizer, ranks.mode) if ranks.mode is not None else None
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume) if ranks.writes else None
+    if ranks.sharded:  # only now: restoring and the trajectory's fingerprint need the whole model
+        named, optimizer = _shard(cfg, model, optimizer)
+    zo = DistributedZO(optimizer, ranks.step_mode) if ranks.step_mode is not None else None
     step_guard = StepGuard()
     saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
     loss_guard = _divergence_guard(cfg, state)
     stopped: str | None = None  # why the run stopped early
 
     def dev_metric(desc: str) -> float:
-        return evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
+        metric = evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
+        if ranks.sharded:
+            reshard(model)  # the step reads the embedding's sharded parameter for its active rows
+        return metric
 
     def checkpoint() -> None:
         nonlocal saved_step
         state.divergence = loss_guard.state_dict() if loss_guard is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
+        if ranks.writes or ranks.sharded:  # sharded weights are gathered by every rank
+            weights = _weights(named)
         if ranks.writes:
-            run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+            run.save_checkpoint(weights, _checkpoint_state(state, optimizer))
         saved_step = state.step
 
     try:
         if state.zero_shot is None:
             state.zero_shot = dev_metric("zero-shot dev")
             state.best_dev = state.zero_shot
-            if ranks.writes:
-                _save_best(run, model, tokenizer)
+            _save_best(run, model, tokenizer, ranks)
             _snapshot_scores(state, optimizer, named)
         if cfg.on_divergence == "rollback" and saved_step is None:
             checkpoint()  # something to roll back to before the first evaluation
@@ -192,13 +200,13 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
                 dev = dev_metric("dev")
                 state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
                 _snapshot_scores(state, optimizer, named)
-                ranks.same_weights(fingerprint(named))
+                if not ranks.sharded:  # shards differ by design
+                    ranks.same_weights(fingerprint(named))
                 if dev > state.best_dev:
                     bar.set_postfix_str("saving best weights")
-                    if ranks.writes:
-                        _save_best(run, model, tokenizer)
+                    _save_best(run, model, tokenizer, ranks)
                     state.best_dev, state.best_step = dev, state.step
-            if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
+            if evaluate_now or ranks.decide(checkpoint_due(cfg, state.step, time.perf_counter() - last_save)):
                 bar.set_postfix_str("saving checkpoint")
                 checkpoint()
                 last_save = time.perf_counter()
@@ -319,6 +327,19 @@ def build_training_optimizer(
         )
     except (TypeError, ValueError) as err:  # the optimizers validate like torch.optim
         raise ConfigError(f"invalid optimizer options for {cfg.method}: {err}") from None
+
+
+def _shard(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[tuple[str, torch.nn.Parameter]], torch.optim.Optimizer]:
+    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` over the sharded parameters with the
+    same state (blocks and statistics are those of the full tensors, whatever the sharding)."""
+    saved = optimizer.state_dict()
+    shard_model(model)
+    named = trainable_named_parameters(model)
+    optimizer = build_training_optimizer(cfg, model, named)
+    optimizer.load_state_dict(saved)
+    return named, optimizer
 
 
 def _uses_embedding_rows(cfg: TrainConfig) -> bool:
@@ -596,28 +617,37 @@ def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
 BEST = "best"
 
 
-def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
-    save_trainable(model, run.path / BEST, tokenizer)
+def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any, ranks: Ranks) -> None:
+    """Rank 0 writes best/; in shard mode every rank first helps gather the full weights."""
+    weights = full_weights(model) if ranks.sharded else None
+    if ranks.writes:
+        save_trainable(model, run.path / BEST, tokenizer, state_dict=weights)
 
 
 def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int) -> None:
     """Put the best-dev weights into ``model``: from best/, or rebuilt from the trajectory when not kept."""
     if (run.path / BEST).is_dir():
-        load_trainable(model, run.path / BEST)
+        if any(hasattr(p, "full_tensor") for _, p in named):  # sharded: each rank loads its rows
+            weights = read_saved_weights(run.path / BEST)
+            _load_weights(named, {name: weights[name] for name, _ in named})
+        else:
+            load_trainable(model, run.path / BEST)
         return
     _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
     _load_weights(named, {name: p.detach() for name, p in rebuilt})
 
 
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """A CPU copy: what safetensors files hold, whatever device the run uses."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in named}
+    """A CPU copy: what safetensors files hold, whatever device the run uses (sharded
+    parameters gathered: a collective in shard mode)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True) for name, p in named}
 
 
 @torch.no_grad()
 def _load_weights(named: list[tuple[str, torch.nn.Parameter]], weights: dict[str, torch.Tensor]) -> None:
+    """Full weights into the parameters (a sharded one takes its own rows)."""
     for name, p in named:
-        p.copy_(weights[name])
+        load_local(p, weights[name])
 
 
 def _checkpoint_state(state: TrainState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .errors import ConfigError, CurvzoError, RankFailed
 
-__all__ = ["Ranks", "start", "COLLECTIVE_TIMEOUT_S"]
+__all__ = ["Ranks", "start", "shard_model", "reshard", "full_weights", "load_local", "COLLECTIVE_TIMEOUT_S"]
 
 #: Longest wait in one collective: an evaluation plus a checkpoint of a large model fit in it.
 COLLECTIVE_TIMEOUT_S = 1800
@@ -62,6 +62,16 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded: shard mode on more than one rank (one rank holds it all)."""
+        return self.mode == "shard" and self.distributed
+
+    @property
+    def step_mode(self) -> str | None:
+        """The DistributedZO mode: shard mode on one rank is data mode (nothing to shard)."""
+        return "data" if self.mode == "shard" and not self.sharded else self.mode
 
     def agree(self, cfg: TrainConfig) -> TrainConfig:
         """Refuse ranks whose configs differ (each one names the keys); adopt rank 0's run folder.
@@ -103,6 +113,15 @@ class Ranks:
                 if rank == self.rank and error is not None:
                     raise error
                 raise ConfigError(f"rank {rank}: {failure[1]}")
+
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank, for a choice that depends on its clock (a checkpoint
+        due by time) and leads to collectives in shard mode (gathering the weights)."""
+        if not self.sharded:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.uint8)
+        dist.broadcast(value, src=0)
+        return bool(value)
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. for rank 0's files before the others read them)."""
@@ -180,3 +199,61 @@ def start(cfg: TrainConfig) -> Ranks:
 
     signal.signal(signal.SIGTERM, stopped)
     return ranks
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 over a Hugging Face causal LM: one unit per decoder layer (the classes the model
+    lists in ``_no_split_modules``), then the root (embeddings, final norm, LM head, tied or not).
+
+    A layer's parameters are gathered just for its own forward, so a forward holds one layer's
+    full weights at a time beyond the root's.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Drop the parameters FSDP keeps gathered after a forward (the root's: embeddings, LM head),
+    so that the model's parameters are the sharded ones the optimizer holds again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with sharded tensors gathered (collective: every rank calls it); a
+    tensor two keys share (tied embeddings) is gathered once and shared, as ``save_pretrained``
+    expects of tied weights."""
+    from torch.distributed.tensor import DTensor
+
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            if id(tensor) not in gathered:
+                gathered[id(tensor)] = tensor.full_tensor()
+            out[name] = gathered[id(tensor)]
+        else:
+            out[name] = tensor
+    return out
+
+
+@torch.no_grad()
+def load_local(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of ``full`` into ``param`` (sharded or not)."""
+    from torch.distributed.tensor import DTensor
+
+    from .optim.distributed import local_shard
+
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    local, lo, hi = local_shard(param)
+    local.copy_(full.reshape(-1)[lo:hi])

@@ -53,7 +53,7 @@ from ._modes import PARALLEL_MODES, Parallel
 from ._stream import pieces
 from .optimizer import Draw, StepInfo, StepRecord, ZOOptimizer
 
-__all__ = ["DistributedZO", "replay_queries"]
+__all__ = ["DistributedZO", "replay_queries", "local_shard"]
 
 _UNSET = object()
 
@@ -174,31 +174,12 @@ class DistributedZO:
                 for i in range(self.queries)]
 
     # ----------------------------------------------------------------- shard mode
-    def _local(self, param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """This rank's shard of ``param`` flattened, and the full tensor's elements it holds, [lo, hi).
-
-        ``fully_shard`` splits dim 0 as ``torch.chunk`` does, so a rank's rows are one contiguous
-        range of the full tensor's flattened elements. The local tensor is a view of FSDP's
-        sharded storage, which its next all-gather reads.
-        """
-        from torch.distributed.tensor import DTensor, Shard
-
-        if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
-            raise ValueError("shard mode needs parameters sharded on dim 0 by fully_shard (DTensors)")
-        local = param.to_local()
-        rows, mesh = param.shape[0], param.device_mesh
-        first = min(mesh.get_local_rank() * -(-rows // mesh.size()), rows)
-        row = param.numel() // rows
-        if not local.is_contiguous() or local.numel() != min(-(-rows // mesh.size()), rows - first) * row:
-            raise ValueError("shard mode needs contiguous dim-0 shards as fully_shard makes them")
-        return local.view(-1), first * row, first * row + local.numel()
-
     def _local_pieces(self, draw_blocks: Sequence[Any]) -> list[tuple[Any, torch.Tensor, int, int, int]]:
         """(block, local flat shard, its first element, block-relative lo, hi) of each sampled block's
         overlap with this rank's shard."""
         out = []
         for block in draw_blocks:
-            local, first, last = self._local(block.param)
+            local, first, last = local_shard(block.param)
             lo, hi = max(block.start, first), min(block.end, last)
             if lo < hi:
                 out.append((block, local, first, lo - block.start, hi - block.start))
@@ -206,7 +187,8 @@ class DistributedZO:
 
     def _reshard(self) -> None:
         """Drop the parameters FSDP keeps gathered after a forward (the root's), so that the next
-        forward gathers the shards as they are now."""
+        forward gathers the shards as they are now, and the module's parameters are the sharded
+        ones the optimizer holds."""
         from torch.distributed.fsdp import FSDPModule
 
         model = self.optimizer.model
@@ -308,3 +290,25 @@ def _commit(
         vars(optimizer).update(left)
         infos.append(optimizer._commit(draw, plus, minus, grad, apply=apply))
     return infos
+
+
+def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's shard of a ``fully_shard``-ed parameter, flattened, and the elements [lo, hi)
+    of the full tensor's flattening that it holds.
+
+    ``fully_shard`` splits dim 0 as ``torch.chunk`` does, so a rank's rows are one contiguous
+    range of the full tensor's flattened elements. The local tensor is a view of FSDP's sharded
+    storage, which its next all-gather reads.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+        raise ValueError("shard mode needs parameters sharded on dim 0 by fully_shard (DTensors)")
+    local = param.to_local()
+    rows, mesh = param.shape[0], param.device_mesh
+    chunk = -(-rows // mesh.size())
+    first = min(mesh.get_local_rank() * chunk, rows)
+    row = param.numel() // rows
+    if not local.is_contiguous() or local.numel() != min(chunk, rows - first) * row:
+        raise ValueError("shard mode needs contiguous dim-0 shards as fully_shard makes them")
+    return local.view(-1), first * row, first * row + local.numel()
