@@ -44,7 +44,7 @@ from .parallel import Ranks, full_weights, load_local, reshard, shard_model, sta
 from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState", "take_parallel_step"]
+__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState"]
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -84,7 +84,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     cfg = with_run_folder(cfg)
     ranks = start(cfg)
     try:
-        return _train(ranks.agree(cfg), ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
+        cfg = ranks.agree(cfg)  # rank 0's run folder from here on
+        return _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
     except (RankFailed, RuntimeError) as err:
         failure = _rank_failure(ranks, err)
         if failure is None:
@@ -143,8 +144,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         nonlocal saved_step
         state.divergence = loss_guard.state_dict() if loss_guard is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
-        if ranks.writes or ranks.sharded:  # sharded weights are gathered by every rank
-            weights = _weights(named)
+        weights = _weights(named) if ranks.writes or ranks.sharded else {}  # every rank gathers shards
         if ranks.writes:
             run.save_checkpoint(weights, _checkpoint_state(state, optimizer))
         saved_step = state.step
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
                     for taken in steps:
                         trajectory.step(taken.grad, active, _hyper(optimizer), queries=len(steps))
                 state.step += 1
-                state.forward_passes += (2 * max(len(steps), 1) if steps else 1) * len(batch_examples)
+                state.forward_passes += (2 * len(steps) if steps else 1) * len(batch_examples)
                 state.wall_time_s += time.perf_counter() - clock
                 run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
                          "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})

@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -53,6 +54,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
+    owns_group: bool = False  # this run created the process group (and destroys it)
+    previous_sigterm: Any = None  # the SIGTERM handler to restore at the end
 
     @property
     def writes(self) -> bool:
@@ -155,7 +158,9 @@ class Ranks:
 
     def failure(self, cause: str) -> RankFailed:
         """The error a survivor raises: which rank died (``cause`` when none is found dead here)."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not interrupt the report
+        if self.previous_sigterm is not None:  # the launcher's stop must not cut the report short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.previous_sigterm = None
         gone = self.dead()
         if gone:
             who = ", ".join(f"rank {r} (pid {self.peers[r][1]})" for r in gone)
@@ -165,7 +170,10 @@ class Ranks:
         return RankFailed(f"rank {self.rank} stops: {cause}{where}")
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        """Leave the process group this run created and give SIGTERM back."""
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -185,19 +193,21 @@ def start(cfg: TrainConfig) -> Ranks:
     if cfg.parallel in ("data", "shard") and cfg.batch_size % world:
         raise ConfigError(f"`batch_size` {cfg.batch_size} does not split evenly over {world} processes "
                           f"(`parallel: {cfg.parallel}` gives each rank an equal share of every batch)")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         if cfg.resolved_device().type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         else:
             backend = "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    ranks = Ranks(cfg.parallel, dist.get_rank(), dist.get_world_size())
+    ranks = Ranks(cfg.parallel, dist.get_rank(), dist.get_world_size(), owns_group=owns_group)
 
     def stopped(signum: int, frame: FrameType | None) -> None:
         raise ranks.failure("the launcher stopped it (SIGTERM)")
 
-    signal.signal(signal.SIGTERM, stopped)
+    if threading.current_thread() is threading.main_thread():  # torchrun stops the survivors of a dead rank
+        ranks.previous_sigterm = signal.signal(signal.SIGTERM, stopped)
     return ranks
 
 
