@@ -174,7 +174,10 @@ def test_replay_rebuilds_a_query_run():
     ({"mode": "model"}, "Invalid mode: 'model'"),
     ({"mode": "data", "queries": 2}, "queries is a query-mode option"),
     ({"mode": "query", "queries": 0}, "Invalid queries: 0"),
+    ({"mode": "shard"}, "shard mode needs the optimizer's `model`"),
 ])
 def test_bad_inputs(kwargs, message):
+    model = _net()
+    opt = build_optimizer("curvzo", model.parameters(), seed=0)  # no model=
     with pytest.raises(ValueError, match=message):
-        DistributedZO(_optimizer(_net()), **kwargs)
+        DistributedZO(opt, **kwargs)

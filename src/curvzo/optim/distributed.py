@@ -95,6 +95,8 @@ class DistributedZO:
             raise ValueError(f"Invalid queries: {queries!r} (a multiple of the {self.world} ranks)")
         if mode == "shard" and any(p.dtype != torch.float32 for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("shard mode needs float32 parameters")
+        if mode == "shard" and optimizer.model is None:
+            raise ValueError("shard mode needs the optimizer's `model` (the fully_shard-ed module it reshards)")
         self.optimizer = optimizer
         self.mode = mode
         self.queries = q
@@ -126,8 +128,9 @@ class DistributedZO:
 
     @torch.no_grad()
     def replay(self, grads: Sequence[float], *, active: torch.Tensor | None = None) -> list[StepInfo]:
-        """Redo a logged step from its projected gradients alone (one per query): no closure,
-        no communication. Replaying a run's gradients from its start rebuilds its weights."""
+        """Redo a logged step from its projected gradients alone (one per query): no closure, no
+        forward (shard mode still sums the blocks' noise norms over the ranks). Replaying a run's
+        gradients from its start rebuilds its weights."""
         if len(grads) != self.queries:
             raise ValueError(f"a step of {self.queries} queries needs {self.queries} gradients, got {len(grads)}")
         self.last_steps = _commit(self.optimizer, _draws(self.optimizer, active, self.queries),
@@ -191,10 +194,7 @@ class DistributedZO:
         ones the optimizer holds."""
         from torch.distributed.fsdp import FSDPModule
 
-        model = self.optimizer.model
-        if model is None:
-            raise ValueError("shard mode needs the optimizer's `model` (the fully_shard-ed module)")
-        for module in model.modules():
+        for module in self.optimizer.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
 
@@ -245,7 +245,6 @@ class DistributedZO:
         if not opt._needs_noise_norms or self.world == 1:
             return squares
         return self._all_gather(squares).sum(0)
-
 
 
 @torch.no_grad()
