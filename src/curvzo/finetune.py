@@ -402,13 +402,18 @@ def take_parallel_step(
 ) -> tuple[float, dict[str, Any]]:
     """One distributed ZO step: data and shard modes evaluate this rank's equal share of the global
     batch (``examples``, encoded as ``batch``), query mode the whole batch along this rank's
-    direction; the log line sums or averages over the step's queries."""
+    direction; the log line sums or averages over the step's queries.
+
+    The shares' losses are averaged with the weights the global loss gives them: their numbers of
+    examples, or of answer tokens for the LM loss (a mean over tokens).
+    """
     weight = 1.0
     if zo.mode != "query" and zo.world > 1:
         share = len(examples) // zo.world
         mine = examples[zo.rank * share : (zo.rank + 1) * share]
         batch = scoring.encode(tokenizer, mine, max_length=cfg.max_length).to(cfg.resolved_device())
-        weight = float(share)
+        per_token = task.output_type == "generate_until" and cfg.objective == "loss"
+        weight = float(batch.label_mask.sum()) if per_token else float(share)
     loss = zo.step(lambda: objective(model, task, batch, cfg.objective), active=active, weight=weight)
     steps = zo.last_steps
     return loss, {"grad": sum(s.grad for s in steps) / len(steps), "budget": round(steps[0].budget, 4),
