@@ -99,7 +99,8 @@ class Ranks:
     def together(self) -> Iterator[None]:
         """Run a block whose input errors may strike some ranks only (a missing file on one
         machine): every rank learns of the first one, and all raise it, so none waits forever
-        in a later collective. Rank 0 alone prints it (see ``cli``), prefixed by the rank."""
+        in a later collective. Rank 0 alone prints it (see ``cli``), prefixed by the rank that
+        met it when that is another."""
         error: CurvzoError | None = None
         try:
             yield
@@ -122,7 +123,8 @@ class Ranks:
         due by time) and leads to collectives in shard mode (gathering the weights)."""
         if not self.sharded:
             return flag
-        value = torch.tensor([int(flag)], dtype=torch.uint8)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        value = torch.tensor([int(flag)], dtype=torch.uint8, device=device)
         dist.broadcast(value, src=0)
         return bool(value)
 
@@ -132,7 +134,7 @@ class Ranks:
             dist.barrier()
 
     def same_weights(self, digest: str) -> None:
-        """Refuse to go on if the ranks' weights differ (they never should: a digest at each checkpoint)."""
+        """Refuse to go on if the ranks' weights differ (they never should; compared at each evaluation)."""
         if not self.distributed:
             return
         gathered: list[Any] = [None] * self.world
