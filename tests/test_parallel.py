@@ -159,6 +159,19 @@ def test_ranks_with_different_configs_are_refused(tiny_dir, data_dir, tmp_path):
     assert "exitcode  : 2" in err and not run.exists()
 
 
+def test_an_input_error_of_one_rank_stops_every_rank(tiny_dir, data_dir, tmp_path):
+    script = tmp_path / "rank1_fails.py"  # as if rank 1's machine lacked the data
+    script.write_text("import os, sys\nimport curvzo.finetune as f\nfrom curvzo.errors import DataError\n"
+                      "from curvzo.cli import main\nif os.environ['RANK'] == '1':\n"
+                      "    def setup(cfg):\n        raise DataError('data folder /data/sst2 not found')\n"
+                      "    f.setup = setup\nsys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "local"
+    code, err = _finish(_torchrun(str(script), *_argv(tiny_dir, data_dir, run, "--parallel", "query")))
+    lines = [line for line in err.splitlines() if line.startswith("curvzo:")]
+    assert code != 0 and lines == ["curvzo: error: rank 1: data folder /data/sst2 not found"], err
+    assert "exitcode  : 2" in err and not run.exists()
+
+
 @pytest.mark.parametrize("extra,env,message", [
     (["--parallel", "model"], {}, "`parallel` must be one of none, data, query, shard"),
     (["--parallel", "data", "--method", "adamw"], {}, "`parallel: data` needs a ZO method"),

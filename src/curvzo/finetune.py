@@ -122,7 +122,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         _say(progress, f"loading data and {cfg.model}")
         task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
         optimizer = build_training_optimizer(cfg, model, named)
-        run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
+    with ranks.together():  # only now, every rank ready: bad inputs above leave nothing behind
+        run.prepare(cfg, resume=resume)
         state = _restore(run, named, optimizer) if resume else TrainState()
     _say(progress, f"run folder {run.path}")
     trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume) if ranks.writes else None
