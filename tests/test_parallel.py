@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,11 +79,17 @@ def test_data_mode_follows_one_process(tiny_dir, data_dir, tmp_path, single):
     assert results["processes"] == 2 and results["parallel"] == "data"
 
 
-def test_query_mode_is_replayed_by_one_process(tiny_dir, data_dir, tmp_path):
+def test_a_single_process_run_continues_in_query_mode_and_replays(tiny_dir, data_dir, tmp_path, single):
     run = tmp_path / "query"
-    code, err = _finish(_torchrun("-m", "curvzo", *_argv(tiny_dir, data_dir, run, "--parallel", "query")))
+    shutil.copytree(single, run)  # a one-process checkpoint, resumed by 2 processes
+    proc = _torchrun("-m", "curvzo", "train", "--resume", str(run), "--parallel", "query", "--steps", str(2 * STEPS),
+                     "--no-progress")
+    code, err = _finish(proc)
     assert code == 0, err
-    assert len(_log(run)) == STEPS and _log(run)[-1]["forward_passes"] == STEPS * 2 * 2 * 4
+    log = _log(run)
+    assert [r["step"] for r in log] == list(range(1, 2 * STEPS + 1))
+    assert log[-1]["forward_passes"] - log[STEPS - 1]["forward_passes"] == STEPS * 2 * 2 * 4  # 2 queries a step
+    # The trajectory holds 1-query steps, then 2-query steps: one process rebuilds the weights.
     assert main(["replay", str(tiny_dir), str(run / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
     rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
     final = _weights(run)
