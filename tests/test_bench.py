@@ -198,10 +198,25 @@ def test_summary_arithmetic():
     assert (s["tasks_won"], s["tasks_total"]) == (1, 2)
     assert s["forward_ratio_to_mezo_final"] is None and s["forward_ratio_reached"] == 1  # median of (1/3, inf)
     assert s["forward_ratio_tasks"] == 2
-    assert s["per_task"]["rte"] == {"minus_baseline": pytest.approx(-4.0), "won": False, "forward_ratio": None, "reached": False,
+    assert s["per_task"]["rte"] == {"minus_baseline": pytest.approx(-4.0), "standard_error": 0.0, "tolerance": 1.0,
+                                   "outcome": "lost", "won": False, "forward_ratio": None, "reached": False,
                                    "baseline_improved": True}
+    # sst2: +6 points against a standard error of sqrt(2 x 0.0283^2 / 2) = 2.83 points: beyond 2 of them
+    assert s["per_task"]["sst2"]["standard_error"] == pytest.approx(100 * 0.02 * 2 ** 0.5)
+    assert s["per_task"]["sst2"]["outcome"] == "won" and s["tasks_lost"] == 1
     assert s["methods"]["adamw"]["tasks_total"] == 1 and s["methods"]["adamw"]["minus_baseline_mean"] == pytest.approx(28.0)
     assert s["targets_met"] == {"minus_baseline_points": False, "tasks_won_fraction": False, "forward_ratio": False}
+
+
+def test_a_difference_within_seed_noise_is_a_tie_whatever_its_sign():
+    curve = [(0, 0.5), (100, 0.6)]
+    records = [rec("sst2", "mezo", 1e-5, s, 0.6, t, curve) for s, t in ((0, 0.60), (1, 0.70), (2, 0.65))]
+    records += [rec("sst2", "curvzo", 1e-5, s, 0.6, t, curve) for s, t in ((0, 0.64), (1, 0.74), (2, 0.69))]
+    records += [rec("rte", "mezo", 1e-5, 0, 0.6, 0.6, curve), rec("rte", "curvzo", 1e-5, 0, 0.6, 0.6 + 1e-7, curve)]
+    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])["summary"]
+    assert s["per_task"]["sst2"]["minus_baseline"] == pytest.approx(4.0)  # 4 points, standard error 4.08
+    assert s["per_task"]["sst2"]["outcome"] == "tie" and s["per_task"]["rte"]["outcome"] == "tie"
+    assert (s["tasks_won"], s["tasks_lost"], s["tasks_total"]) == (0, 0, 2)
 
 
 def test_tasks_where_the_baseline_did_not_improve_carry_no_forward_ratio():

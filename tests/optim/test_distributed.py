@@ -48,16 +48,17 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 51, (STEPS, BATCH, 3), generator=gen), torch.randn(STEPS, BATCH, 5, generator=gen)
 
 
-def _optimizer(model: nn.Module):
+def _optimizer(model: nn.Module, **options):
     return build_optimizer("curvzo", model.parameters(), lr=1e-4, eps=1e-3, seed=3, model=model, block_size=4000,
-                           dense_below=100, budget_every=2)
+                           dense_below=100, budget_every=2, **options)
 
 
 def _loss(model: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(ids) - y) ** 2).mean()
 
 
-def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None = None, shard: bool = False) -> dict:
+def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None = None, shard: bool = False,
+           **options) -> dict:
     """Run STEPS steps; the result holds the full weights, the scores, the records."""
     model = _net()
     if shard:
@@ -66,7 +67,7 @@ def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None 
         fully_shard(model.body)
         fully_shard(model.head)
         fully_shard(model)
-    opt = _optimizer(model)
+    opt = _optimizer(model, **options)
     zo = DistributedZO(opt, mode, queries=queries) if mode else None
     ids, ys = _data()
     records = []
@@ -152,21 +153,31 @@ def test_query_mode_equals_one_process_taking_q_queries(ranks):
     assert len(got["records"]) == STEPS * WORLD and got["bytes"] == STEPS * 2 * 8
 
 
-def test_one_query_is_the_ordinary_step():
-    _close_bits = lambda a, b: _digest(a["weights"]) == _digest(b["weights"])  # noqa: E731
-    plain, query, data = _train(None), _train("query"), _train("data")
-    assert _close_bits(plain, query) and _close_bits(plain, data)
+# The estimator variants leave per-draw facts on the optimizer (with-replacement counts, the
+# running |g| scale): a q-query step must restore each draw's before learning from it.
+VARIANTS = [{}, {"sampling": "replacement", "normalize": True}, {"feedback": "energy", "multiplier_cap": 4.0}]
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=["default", "replacement+normalize", "energy+cap"])
+def test_one_query_is_the_ordinary_step(options):
+    plain, query, data = _train(None, **options), _train("query", **options), _train("data", **options)
+    assert _digest(plain["weights"]) == _digest(query["weights"]) == _digest(data["weights"])
     assert plain["records"] == query["records"] == data["records"]
 
 
-def test_replay_rebuilds_a_query_run():
-    run = _train("query", queries=3)
+@pytest.mark.parametrize("options", VARIANTS, ids=["default", "replacement+normalize", "energy+cap"])
+def test_replay_rebuilds_a_query_run(options):
+    run = _train("query", queries=3, **options)
+    # Each record's divisor comes from its own draw (a stale draw's would not match its blocks).
+    assert all(r.divisor is None or len(r.divisor) == len(r.blocks) for r in run["records"])
+    assert ("sampling" not in options) or all(r.divisor is not None for r in run["records"])
     model = _net()
-    zo = DistributedZO(_optimizer(model), "query", queries=3)
+    zo = DistributedZO(_optimizer(model, **options), "query", queries=3)
     grads = [r.grad for r in run["records"]]
     for t in range(STEPS):
         zo.replay(grads[3 * t : 3 * t + 3])
     assert _digest(dict(model.state_dict())) == _digest(run["weights"])
+    assert torch.equal(zo.optimizer.scores, run["scores"])
 
 
 @pytest.mark.parametrize("kwargs,message", [

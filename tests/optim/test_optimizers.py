@@ -29,6 +29,10 @@ CASES = [
     Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
     Case("curvzo-energy", CurvZO, {"feedback": "energy", "pi_floor": 0.05}),
     Case("curvzo-dense-below", CurvZO, {"dense_below": 4, "block_size": 8}),
+    Case("curvzo-replacement-dense", CurvZO, {"sampling": "replacement", "dense_below": 4, "block_size": 8, "explore_mix": 0.3}),
+    Case("curvzo-subspace-cap", CurvZO, {"correction": "subspace", "multiplier_cap": 2.0}),
+    Case("curvzo-cap-normalize", CurvZO, {"multiplier_cap": 3.0, "normalize": True}),
+    Case("mezo-normalize", MeZO, {"normalize": True}),
 ]
 IDS = [c.desc for c in CASES]
 
@@ -40,7 +44,10 @@ BAD_INPUTS = [
     (MeZO, {"block_size": 0}, ValueError, "Invalid block_size: 0"),
     (CurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
     (CurvZO, {"dense_below": -1}, ValueError, "Invalid dense_below: -1"),
-    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling='pps'"),
+    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling 'pps' or 'replacement'"),
+    (CurvZO, {"correction": "none"}, ValueError, "Invalid correction"),
+    (CurvZO, {"multiplier_cap": 0.0}, ValueError, "Invalid multiplier_cap"),
+    (MeZO, {"normalize": 1}, TypeError, "normalize must be a bool"),
     (CurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
     (CurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
     (CurvZO, {"pi_floor": 0.1, "sampling": "uniform"}, ValueError, "pi_floor requires sampling='pps'"),
@@ -259,7 +266,7 @@ def test_hf_estimator_is_unbiased_for_every_sampling():
     with D degrees of freedom for an unbiased estimator, so a bias of a few standard errors per
     coordinate (or a missing 1/pi) pushes it far above the bound.
     """
-    for sampling in ("pps", "multinomial", "uniform"):
+    for sampling in ("pps", "multinomial", "uniform", "replacement"):
         params = make_params()
         coeffs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
         true = torch.cat([c.flatten() for c in coeffs]).double()

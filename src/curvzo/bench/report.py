@@ -22,11 +22,22 @@ from .grid import ZERO_SHOT, Grid, format_lr, select_lr
 from .runs import all_runs, training_run
 from .store import RECORDS
 
-__all__ = ["TARGETS", "aggregate", "forward_to_reach", "summarize"]
+__all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "summarize", "win_tolerance"]
 
 #: The project's targets for CurvZO against MeZO: points gained, share of tasks won, and forward
 #: passes to reach MeZO's final dev accuracy (reported next to the measured numbers).
 TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4}
+
+#: A task is won (or lost) only when the test difference exceeds the larger of a floor in points
+#: and a multiple of its standard error over seeds, sqrt(sd_a^2 / n_a + sd_b^2 / n_b): a difference
+#: within seed noise is a tie, whatever its sign.
+WIN_TOLERANCE = {"points": 1.0, "standard_errors": 2.0}
+
+
+def win_tolerance(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float, float]:
+    """(standard error of the difference of two cells' test means, the tolerance), in points."""
+    se = 100.0 * math.sqrt(ours["test_std"] ** 2 / len(ours["tests"]) + theirs["test_std"] ** 2 / len(theirs["tests"]))
+    return se, max(WIN_TOLERANCE["points"], WIN_TOLERANCE["standard_errors"] * se)
 
 
 def forward_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -132,7 +143,8 @@ def summarize(
     summary = {
         "method": method, "baseline": baseline, "mode": mode,
         "curvzo_minus_mezo_mean": head["minus_baseline_mean"], "tasks_won": head["tasks_won"],
-        "tasks_total": head["tasks_total"], "forward_ratio_to_mezo_final": head["forward_ratio_median"],
+        "tasks_total": head["tasks_total"], "tasks_lost": head["tasks_lost"], "win_tolerance": WIN_TOLERANCE,
+        "forward_ratio_to_mezo_final": head["forward_ratio_median"],
         "forward_ratio_reached": head["forward_ratio_reached"], "forward_ratio_tasks": head["forward_ratio_tasks"],
         "per_task": head["per_task"],
         "methods": per_method, "targets": TARGETS,
@@ -153,8 +165,11 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
         if not ours or not theirs:
             continue
         diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
+        se, tolerance = win_tolerance(ours, theirs)
+        outcome = "won" if diff > tolerance else "lost" if diff < -tolerance else "tie"
         ratio = row.get("forward_ratio_to_baseline_final", {}).get(label, "n/a")
-        per_task[row["task"]] = {"minus_baseline": diff, "won": diff > 0, "forward_ratio": None if ratio == "n/a" else ratio,
+        per_task[row["task"]] = {"minus_baseline": diff, "standard_error": se, "tolerance": tolerance,
+                                 "outcome": outcome, "won": outcome == "won", "forward_ratio": None if ratio == "n/a" else ratio,
                                  "reached": None if ratio == "n/a" else ratio is not None,
                                  "baseline_improved": row.get("baseline_improved")}
         diffs.append(diff)
@@ -163,7 +178,8 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
     median = statistics.median(ratios) if ratios else None
     return {
         "minus_baseline_mean": statistics.fmean(diffs) if diffs else None,
-        "tasks_won": sum(d > 0 for d in diffs), "tasks_total": len(diffs),
+        "tasks_won": sum(t["won"] for t in per_task.values()),
+        "tasks_lost": sum(t["outcome"] == "lost" for t in per_task.values()), "tasks_total": len(diffs),
         "forward_ratio_median": None if median is None or math.isinf(median) else median,
         "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "forward_ratio_tasks": len(ratios),
         "per_task": per_task,
@@ -231,6 +247,11 @@ def _headline(s: dict[str, Any]) -> str:
             f"median ratio {_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} ({s['forward_ratio_reached']}/{s['forward_ratio_tasks']} tasks reach it)")
 
 
+def _outcomes(per_task: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{t} {v['minus_baseline']:+.2f} ± {v['standard_error']:.2f} (tol. {v['tolerance']:.2f}, {v['outcome']})"
+                     for t, v in per_task.items())
+
+
 def _pm(cell: dict[str, Any] | None, seeds: int) -> str:
     if not cell:
         return "–"
@@ -279,7 +300,10 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         "", "## Summary", "",
         f"- **{s['method']} − {s['baseline']}** ({s['mode']}, mean over {s['tasks_total']} tasks): "
         f"{_fmt(s['curvzo_minus_mezo_mean'])} points; {s['method']} wins {s['tasks_won']}/{s['tasks_total']} tasks "
-        f"(target: ≥ +{TARGETS['minus_baseline_points']} points and ≥ {TARGETS['tasks_won_fraction']:.0%} of tasks).",
+        f"and loses {s['tasks_lost']} beyond the tolerance (target: ≥ +{TARGETS['minus_baseline_points']} points and "
+        f"≥ {TARGETS['tasks_won_fraction']:.0%} of tasks won). A task counts only when the difference exceeds "
+        f"max({WIN_TOLERANCE['points']:g} point, {WIN_TOLERANCE['standard_errors']:g} standard errors over seeds); "
+        f"per task (difference ± standard error, tolerance, outcome): {_outcomes(s['per_task']) or 'n/a'}.",
         f"- **Forward passes to reach {s['baseline']}'s final dev accuracy**, {s['method']} / {s['baseline']} "
         f"(seed-averaged dev curves, linear interpolation between evaluations; over the "
         f"{s['forward_ratio_tasks']} tasks where {s['baseline']} improved on zero-shot): median "
@@ -288,7 +312,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     for label, v in s["methods"].items():
         if label != s["method"]:
             lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
-                         f"{v['tasks_won']}/{v['tasks_total']}, forward ratio median "
+                         f"{v['tasks_won']}/{v['tasks_total']} ({_outcomes(v['per_task'])}), forward ratio median "
                          f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")
     if doc["figures"]:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in doc["figures"]]

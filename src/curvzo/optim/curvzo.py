@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -17,11 +17,14 @@ from .optimizer import DEFAULT_MAX_CHUNK, StepRecord, ZOOptimizer
 
 __all__ = ["CurvZO"]
 
-Sampling = Literal["pps", "multinomial", "uniform"]
+Sampling = Literal["pps", "multinomial", "uniform", "replacement"]
 Feedback = Literal["abs", "square", "energy"]
+Correction = Literal["ht", "subspace"]
 
-_SAMPLINGS = ("pps", "multinomial", "uniform")
-_FEEDBACKS = ("abs", "square", "energy")
+_SAMPLINGS = get_args(Sampling)
+_FEEDBACKS = get_args(Feedback)
+_CORRECTIONS = get_args(Correction)
+_DENSE_SAMPLINGS = ("pps", "replacement")  # the samplings that can keep small blocks always perturbed
 
 
 class CurvZO(ZOOptimizer):
@@ -52,8 +55,11 @@ class CurvZO(ZOOptimizer):
         weight_decay (float): decoupled L2 factor on sampled blocks (default: 0).
         seed (int): seed of the optimizer's generators (default: 0).
         sampling (str): ``"pps"`` Poisson probability-proportional-to-size (default),
-            ``"multinomial"`` k draws without replacement (pi ~= min(1, k p)), or ``"uniform"``
-            k of d uniformly (the paper's uniform-sampling ablation).
+            ``"multinomial"`` k draws without replacement (pi ~= min(1, k p)), ``"uniform"``
+            k of d uniformly (the paper's uniform-sampling ablation), or ``"replacement"`` k draws
+            with replacement, a block drawn m_b times divided by k p_b / m_b (Hansen-Hurwitz:
+            unbiased, and no block's multiplier exceeds 1 / (k p_b) however rarely it is drawn;
+            ``explore_mix`` smooths p).
         feedback (str): ``"abs"`` (default), ``"square"`` or ``"energy"``, see above.
         explore_mix (float | "adaptive" | None): mix alpha of the uniform distribution into p,
             re-estimated with the budget when ``"adaptive"`` (default: None, off).
@@ -79,6 +85,15 @@ class CurvZO(ZOOptimizer):
             streamed module by module, at inference memory (default: None, see ZOOptimizer).
         max_chunk (int): largest piece perturbed, drawn or updated at once (default: 1,048,576).
         noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
+        correction (str): what the update divides g z_b by: ``"ht"`` pi_b (Horvitz-Thompson,
+            unbiased; default) or ``"subspace"`` the expected fraction of the active elements
+            perturbed, the same for every sampled block (block-coordinate ZO: a biased step
+            within the sampled subspace, whose size no longer depends on how rarely a block is
+            drawn).
+        multiplier_cap (float, optional): bound |g| / divisor_b by this many running scales of
+            |g| (the divisor is raised where it would be exceeded): clips the heavy tail of the
+            per-block multiplier at the price of a bias (default: None, no cap).
+        normalize (bool): divide g by a running scale of |g| (see ZOOptimizer; default: False).
 
     Example:
         >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
@@ -114,6 +129,9 @@ class CurvZO(ZOOptimizer):
         model: nn.Module | None = None,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         noise: Noise = "gaussian",
+        correction: Correction = "ht",
+        multiplier_cap: float | None = None,
+        normalize: bool = False,
     ) -> None:
         if sampling not in _SAMPLINGS:
             raise ValueError(f"Invalid sampling: {sampling!r} (choose from {', '.join(_SAMPLINGS)})")
@@ -131,6 +149,10 @@ class CurvZO(ZOOptimizer):
             raise ValueError(f"Invalid score_beta: {score_beta!r} (a float in (0, 1])")
         if not (is_real(init_score) and init_score > 0):
             raise ValueError(f"Invalid init_score: {init_score!r} (a positive float)")
+        if correction not in _CORRECTIONS:
+            raise ValueError(f"Invalid correction: {correction!r} (choose from {', '.join(_CORRECTIONS)})")
+        if not (multiplier_cap is None or (is_real(multiplier_cap) and multiplier_cap > 0)):
+            raise ValueError(f"Invalid multiplier_cap: {multiplier_cap!r} (None or a positive float)")
         self.sampling = sampling
         self.feedback = feedback
         self.explore_mix = explore_mix
@@ -140,14 +162,19 @@ class CurvZO(ZOOptimizer):
         self.score_beta = float(score_beta)
         self.normalize_by_numel = normalize_by_numel
         self.init_score = float(init_score)
+        self.correction = correction
+        self.multiplier_cap = None if multiplier_cap is None else float(multiplier_cap)
+        self._step_active: torch.Tensor | None = None
+        self._step_counts: torch.Tensor | None = None  # with-replacement divisors of this step's blocks
         self._dense_for: list | None = None
         self._dense = torch.zeros(0, dtype=torch.bool)
         self._floor = torch.zeros(0, dtype=torch.float64)
+        self._sizes = torch.zeros(0, dtype=torch.float64)
         super().__init__(
             params,
             {"lr": lr, "weight_decay": weight_decay, "dense_below": dense_below, "pi_floor": pi_floor},
             eps=eps, seed=seed, block_size=block_size, rounding=rounding, model=model, max_chunk=max_chunk,
-            noise=noise,
+            noise=noise, normalize=normalize,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -156,9 +183,10 @@ class CurvZO(ZOOptimizer):
             raise ValueError(f"Invalid pi_floor: {group['pi_floor']!r} (a float in [0, 1))")
         if not is_int(group["dense_below"], minimum=0):
             raise ValueError(f"Invalid dense_below: {group['dense_below']!r} (an int >= 0)")
-        for option in ("pi_floor", "dense_below"):
-            if group[option] and self.sampling != "pps":
-                raise ValueError(f"{option} requires sampling='pps', got sampling={self.sampling!r}")
+        if group["pi_floor"] and self.sampling != "pps":
+            raise ValueError(f"pi_floor requires sampling='pps', got sampling={self.sampling!r}")
+        if group["dense_below"] and self.sampling not in _DENSE_SAMPLINGS:
+            raise ValueError(f"dense_below requires sampling 'pps' or 'replacement', got sampling={self.sampling!r}")
 
     # ----------------------------------------------------------------- state
     def _init_global_state(self, state: dict[str, Any]) -> None:
@@ -214,17 +242,20 @@ class CurvZO(ZOOptimizer):
         p = self.sampling_distribution(active)
         if self.sampling == "multinomial":
             return torch.clamp(k * p, max=1.0)
+        if self.sampling == "replacement":
+            return 1.0 - (1.0 - p) ** k
         pi = pps_inclusion(p, k)
         floor = self._floor if active is None else self._floor * active
         return torch.maximum(pi, floor) if bool(floor.any()) else pi
 
     def _refresh_block_options(self) -> None:
-        """Per-block ``dense_below`` and ``pi_floor`` from the groups (rebuilt with the blocks)."""
+        """Per-block ``dense_below``, ``pi_floor`` and sizes from the groups (rebuilt with the blocks)."""
         if self._dense_for is self.blocks:
             return
         groups = self.param_groups
         self._dense = torch.tensor([b.numel <= groups[b.group]["dense_below"] for b in self.blocks], dtype=torch.bool)
         self._floor = torch.tensor([float(groups[b.group]["pi_floor"]) for b in self.blocks], dtype=torch.float64)
+        self._sizes = torch.tensor([b.numel for b in self.blocks], dtype=torch.float64)
         self._dense_for = self.blocks
 
     def _dense_blocks(self, active: torch.Tensor | None) -> torch.Tensor:
@@ -250,6 +281,10 @@ class CurvZO(ZOOptimizer):
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
             self._update_budget(state, self._drawable(active))
         self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
+        self._step_active = active
+        self._step_counts = None
+        if self.sampling == "replacement":
+            return self._draw_with_replacement(active)
         if self.sampling == "uniform":
             candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
             return draw_uniform(candidates, self._k_int(active), self._sampler)
@@ -258,6 +293,40 @@ class CurvZO(ZOOptimizer):
             return ids, pi[ids]
         ids = draw_poisson(self._step_pi, self._sampler)
         return ids, self._step_pi[ids]
+
+    def _draw_with_replacement(self, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k draws from p over the drawable blocks, plus the blocks always perturbed; keeps each
+        drawn block's Hansen-Hurwitz divisor k p_b / m_b (1 for the always-perturbed ones)."""
+        dense = self._dense_blocks(active)
+        drawable = self._drawable(active)
+        divisor = dense.double()
+        if drawable is None or bool(drawable.any()):
+            p = self.sampling_distribution(drawable)
+            k = self._k_int(drawable)
+            counts = torch.bincount(torch.multinomial(p, k, replacement=True, generator=self._sampler),
+                                    minlength=len(self.blocks)).double()
+            divisor = torch.where(counts > 0, k * p / counts.clamp_min(1.0), divisor)
+        ids = (divisor > 0).nonzero().flatten()
+        self._step_counts = divisor[ids]
+        return ids, self._step_pi[ids]
+
+    def _correction(self, pi: torch.Tensor, grad: float, scale: float) -> torch.Tensor:
+        divisor = pi if self._step_counts is None else self._step_counts
+        if self.correction == "subspace":
+            divisor = torch.full_like(pi, self._perturbed_fraction())
+        if self.multiplier_cap is not None and scale > 0.0:
+            floor = abs(grad) / (self.multiplier_cap * scale)
+            if bool((divisor < floor).any()):
+                divisor = divisor.clamp_min(floor)
+        return divisor
+
+    def _perturbed_fraction(self) -> float:
+        """Expected share of the active elements a step perturbs: sum pi_b n_b / sum n_b."""
+        self._refresh_block_options()
+        sizes = self._sizes
+        if self._step_active is not None:
+            sizes = sizes * self._step_active
+        return float((self._step_pi * sizes).sum() / sizes.sum())
 
     def _update_budget(self, state: dict[str, Any], active: torch.Tensor | None) -> None:
         """Move k towards the share of blocks the scores say matter (more when they are flat).

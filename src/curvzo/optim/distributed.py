@@ -228,8 +228,8 @@ class DistributedZO:
         blocks = [opt.blocks[i] for i in record.blocks]
         squares = torch.zeros(len(blocks), dtype=torch.float64)
         overlaps = {block.index: rest for block, *rest in self._local_pieces(blocks)}
-        for i, (block, pi) in enumerate(zip(blocks, record.pi)):
-            lr, decay, scale = opt._update_factors(record, block, pi)
+        for i, (block, divisor) in enumerate(zip(blocks, record.divisor or record.pi)):
+            lr, decay, scale = opt._update_factors(record, block, divisor)
             if block.index not in overlaps or (lr == 0.0 and not opt._needs_noise_norms):
                 continue
             local, first, a, b = overlaps[block.index]

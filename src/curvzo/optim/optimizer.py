@@ -52,7 +52,10 @@ class StepRecord:
     ``blocks[i]`` was sampled with inclusion probability ``pi[i]``; ``lr``, ``weight_decay`` and
     ``eps`` are per parameter group, as they were when the step ran (schedulers change them).
     ``grad`` is (L+ - L-) / (2 eps) with the first group's eps; a group perturbed with another eps
-    moves by ``grad * eps[0] / eps[g]``, its own projected gradient.
+    moves by ``grad * eps[0] / eps[g]``, its own projected gradient. The update divides it by
+    ``divisor[i]`` where an estimator replaces the Horvitz-Thompson 1/pi (a cap, a subspace
+    scaling, with-replacement counts, a running normalisation), by ``pi[i]`` when ``divisor`` is
+    None; the record then still says how the blocks were drawn, which the optimizer learns from.
     """
 
     step: int
@@ -63,17 +66,21 @@ class StepRecord:
     lr: tuple[float, ...]
     weight_decay: tuple[float, ...]
     eps: tuple[float, ...]
+    divisor: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Draw:
-    """What the first half of a step drew: its step number, seed, blocks and their probabilities,
-    and the budget fraction it drew with (``blocks`` are the :class:`Block` objects of ``ids``)."""
+    """What the first half of a step drew: its step number, seed, blocks and their probabilities
+    (``probabilities``: the tensor ``_sample`` returned, which an estimator's correction may hand
+    back unchanged to mean the plain 1/pi update), and the budget fraction it drew with
+    (``blocks`` are the :class:`Block` objects of ``ids``)."""
 
     step: int
     seed: int
     ids: tuple[int, ...]
     pi: tuple[float, ...]
+    probabilities: torch.Tensor
     budget: float
     blocks: list[Block]
 
@@ -128,6 +135,16 @@ def _fp32_scalar(x: float) -> float:
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _running_scale(previous: float | None, grad: float) -> float:
+    """0.9 previous + 0.1 |g|, started at the first |g|: a scale of the projected gradient that
+    includes the current step, so |g| / scale <= 10; unchanged by a non-finite g."""
+    if not math.isfinite(grad):
+        return previous if previous is not None else math.nan
+    if previous is None or previous == 0.0:
+        return abs(grad)
+    return 0.9 * previous + 0.1 * abs(grad)
+
+
 def _as_float(loss: Any) -> float:
     return float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
 
@@ -158,6 +175,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             (rounded up to a whole noise unit); embeddings and output layers larger than this are
             perturbed by rows or by chunks of rows. Default: 1,048,576 (4 MB of fp32).
         noise (str): ``"gaussian"`` (default) or ``"rademacher"`` (random signs).
+        normalize (bool): divide the projected gradient by a running scale of |g| (an average
+            over recent steps, this one included, so the multiplier is at most 10 in size): the
+            step length then stops following the heavy tail of |g|, and ``lr`` is in units of
+            that scale rather than of the loss. Default: False.
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -174,6 +195,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         max_chunk: int = DEFAULT_MAX_CHUNK,
         noise: Noise = "gaussian",
+        normalize: bool = False,
     ) -> None:
         if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -185,7 +207,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid noise: {noise!r} (choose from {', '.join(NOISES)})")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         self.rounding = rounding
+        self.normalize = normalize
         self.model = model
         self.max_chunk = max_chunk
         self._blocks: list[Block] | None = None
@@ -284,6 +309,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _observe(self, state: dict[str, Any], record: StepRecord, sq_norms: torch.Tensor) -> None:
         """Learn from a completed (not skipped) step; ``sq_norms[i]`` is ||z||^2 of record.blocks[i]."""
 
+    def _correction(self, pi: torch.Tensor, grad: float, scale: float) -> torch.Tensor:
+        """What the update divides g z_b by, before any normalisation: pi_b (Horvitz-Thompson);
+        ``scale`` is the running |g| (this step's included) for estimators that bound g / pi by it."""
+        return pi
+
     def budget_fraction(self) -> float:
         """Fraction of blocks the next step expects to perturb."""
         return 1.0
@@ -363,7 +393,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         budget = self.budget_fraction()
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self._sampler))
         ids, pi = self._sample(state, active)
-        return Draw(state["step"], seed, tuple(ids.tolist()), tuple(float(x) for x in pi.tolist()), budget,
+        return Draw(state["step"], seed, tuple(ids.tolist()), tuple(float(x) for x in pi.tolist()), pi, budget,
                     [self.blocks[i] for i in ids.tolist()])
 
     def _commit(
@@ -378,6 +408,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         A non-finite ``grad`` is a skip: weights, statistics and the step count stay as they were.
         """
+        state = self._global_state()
+        skipped = not math.isfinite(grad)
+        scale = _running_scale(state.get("grad_scale"), grad)
+        divisor = None if skipped else self._divisor(draw.probabilities, grad, scale)
         record = StepRecord(
             step=draw.step,
             seed=draw.seed,
@@ -387,15 +421,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             lr=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decay=tuple(float(g["weight_decay"]) for g in self.param_groups),
             eps=tuple(float(g["eps"]) for g in self.param_groups),
+            divisor=divisor,
         )
-        skipped = not math.isfinite(grad)
         if not skipped:
-            state = self._global_state()
             sq_norms = (apply or self.apply)(record)
             self._observe(state, record, sq_norms)
+            state["grad_scale"] = scale
             state["step"] += 1
         self.last_step = StepInfo(loss_plus, loss_minus, grad, len(draw.blocks), draw.budget, skipped, record)
         return self.last_step
+
+    def _divisor(self, pi: torch.Tensor, grad: float, scale: float) -> tuple[float, ...] | None:
+        """The record's ``divisor``: the estimator's correction, times the running scale when
+        normalising; None for the plain Horvitz-Thompson update (divide by pi)."""
+        divisor = self._correction(pi, grad, scale)
+        if self.normalize and scale > 0.0:  # scale 0 means g = 0: a step of zero either way
+            divisor = divisor * scale
+        return None if divisor is pi else tuple(float(x) for x in divisor.tolist())
 
     def _evaluate(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float]:
         """L(theta + eps z) and L(theta - eps z) over the sampled blocks; the weights stay as they are."""
@@ -441,7 +483,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         when the optimizer learns from it, zeros otherwise.
         """
         norms: list[torch.Tensor] = []
-        for block_id, pi in zip(record.blocks, record.pi):
+        for block_id, pi in zip(record.blocks, record.divisor or record.pi):
             block = self.blocks[block_id]
             lr, decay, scale = self._update_factors(record, block, pi)
             squares = []
@@ -458,11 +500,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return _to_host(norms) if norms else torch.zeros(len(record.blocks), dtype=torch.float64)
 
     @staticmethod
-    def _update_factors(record: StepRecord, block: Block, pi: float) -> tuple[float, float, float]:
-        """(lr, lr * weight decay, the noise's factor -lr g / pi) of ``block``'s update in ``record``."""
+    def _update_factors(record: StepRecord, block: Block, divisor: float) -> tuple[float, float, float]:
+        """(lr, lr * weight decay, the noise's factor -lr g / divisor) of ``block``'s update in
+        ``record``; ``divisor`` is the block's pi, or the estimator's ``record.divisor`` entry."""
         g = block.group
         lr = record.lr[g]
-        return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / pi)
+        return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / divisor)
 
     def _update(self, block: Block, lo: int, hi: int, z: torch.Tensor, scale: float, decay: float, seed: int) -> None:
         """theta[lo:hi] = (1 - lr wd) theta + scale z, computed in fp32 and stored per ``rounding``."""
