@@ -14,7 +14,7 @@ from curvzo.checkpoint import RunDir
 from curvzo.config import TrainConfig
 from curvzo.errors import CheckpointError
 from curvzo.finetune import TRAJECTORY_FILE, evaluate_run, replay, setup, train, train_batch
-from curvzo.trajectory import Hyper, Step, TrajectoryWriter, read_trajectory
+from curvzo.trajectory import Hyper, Queries, Step, TrajectoryWriter, read_trajectory
 
 WORDS = [("dull", 0), ("boring", 0), ("awful", 0), ("bad", 0), ("great", 1), ("lovely", 1), ("superb", 1), ("fine", 1)]
 
@@ -134,3 +134,23 @@ def test_trajectory_file_round_trip_and_resume_truncation(tmp_path):
     resumed = TrajectoryWriter(path, {}, resume_at=cut)  # as a resumed run does: back to its checkpoint
     resumed.close()
     assert [type(r) for r in read_trajectory(path)[1]] == [Hyper, Step]
+
+
+def test_query_parallel_steps_are_grouped_and_survive_a_resume(tmp_path):
+    path = tmp_path / "q.czt"
+    hyper = Hyper((1e-3,), (0.0,), (1e-3,))
+    writer = TrajectoryWriter(path, {})
+    writer.step(0.5, None, hyper)  # an ordinary step, then one of 2 queries (a resumed query run)
+    for grad in (1.0, 2.0):
+        writer.step(grad, None, hyper, queries=2)
+    cut = writer.offset
+    writer.close()
+    assert [type(r) for r in read_trajectory(path)[1]] == [Hyper, Step, Queries, Step, Step]
+    resumed = TrajectoryWriter(path, {}, resume_at=cut)  # q = 2 is still in force: no second Q record
+    for grad in (3.0, 4.0):
+        resumed.step(grad, None, hyper, queries=2)
+    resumed.step(5.0, None, hyper)  # back to one process: q = 1 is recorded
+    resumed.close()
+    records = list(read_trajectory(path)[1])
+    assert [type(r) for r in records] == [Hyper, Step, Queries, Step, Step, Hyper, Step, Step, Queries, Step]
+    assert [r.q for r in records if isinstance(r, Queries)] == [2, 1]

@@ -28,7 +28,7 @@ __all__ = ["RunDir", "RUN_ENTRIES", "with_run_folder"]
 
 # Keys that may differ between a run and its resumption without changing the trajectory.
 _RESUMABLE_DIFFERENCES = {"output_dir", "steps", "eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes",
-                          "keep", "divergence_factor", "divergence_patience", "on_divergence"}
+                          "keep", "divergence_factor", "divergence_patience", "on_divergence", "parallel"}
 
 
 #: What a run folder may hold; ``--overwrite`` deletes a folder only if it holds nothing else.
@@ -53,10 +53,15 @@ def with_run_folder(cfg: TrainConfig, root: str | Path = "runs") -> TrainConfig:
 
 
 class RunDir:
-    """The output folder of one run."""
+    """The output folder of one run.
 
-    def __init__(self, path: str | Path) -> None:
+    ``writes=False`` makes every write a no-op (a distributed run's other ranks read the folder
+    that rank 0 alone writes).
+    """
+
+    def __init__(self, path: str | Path, *, writes: bool = True) -> None:
         self.path = Path(path)
+        self.writes = writes
 
     # ------------------------------------------------------------------ setup
     def check_unused(self, *, overwrite: bool) -> None:
@@ -91,6 +96,8 @@ class RunDir:
         A new run starts from an empty folder: what :meth:`check_unused` let ``--overwrite``
         replace is deleted here, so no file of the previous run survives into this one.
         """
+        if not self.writes:
+            return
         if resume:
             self._check_same_config(cfg)
         elif self.path.is_dir():
@@ -112,6 +119,8 @@ class RunDir:
     # ------------------------------------------------------------------ logging
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line; a torn last line from a crash is skipped by :meth:`read_log`."""
+        if not self.writes:
+            return
         with open(self.path / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -129,11 +138,15 @@ class RunDir:
 
     def truncate_log(self, step: int) -> None:
         """Drop log lines past ``step``: a resumed run rewrites them identically."""
+        if not self.writes:
+            return
         kept = [r for r in self.read_log() if r.get("step", 0) <= step]
         write_text(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         tmp, final, old = (self.path / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -186,6 +199,8 @@ class RunDir:
 
         What remains (trajectory, state, logs) rebuilds any step's weights from the base model.
         """
+        if not self.writes:
+            return
         for name in ("best", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(self.path / name, ignore_errors=True)
         (self.path / "checkpoint" / "model.safetensors").unlink(missing_ok=True)

@@ -13,7 +13,10 @@
     curvzo bench --profile quick          # accuracy grid (benchmarks/grids/cpu.yaml), resumable
 
 Input errors (config, data, model, run folder) print one line on stderr and exit with code 2;
-failures during training keep their traceback.
+failures during training keep their traceback, except the death of another rank of a distributed
+run, which prints one line and exits with code 1.
+
+    torchrun --nproc-per-node 2 -m curvzo train --parallel data   # 2 processes (also query, shard)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import yaml
 
 from .config import TrainConfig, load_config, load_yaml, parse_overrides
-from .errors import ConfigError, CurvzoError, TrainingDiverged
+from .errors import ConfigError, CurvzoError, RankFailed, TrainingDiverged
 
 __all__ = ["main"]
 
@@ -195,6 +198,8 @@ def _train(args: argparse.Namespace) -> None:
     results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if "diverged" in results:
         raise TrainingDiverged(results["diverged"])
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports a distributed run
     metric = results["metric"]
     print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
           f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes; "
@@ -294,8 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         _COMMANDS[args.command](args)
     except CurvzoError as err:
-        print(f"curvzo: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it once
+            print(f"curvzo: error: {err}", file=sys.stderr)
         return 2
+    except RankFailed as err:  # another rank died: each survivor says which, in one line
+        print(f"curvzo: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C: one line (a run says how to resume), no traceback
         print(f"curvzo: {err or 'interrupted'}", file=sys.stderr)
         return 130

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .model_options import DTYPES, PEFT_MODES
-from .optim import PRESETS
+from .optim import PARALLEL_MODES, PRESETS
 from .optim import ROUNDINGS as ENGINE_ROUNDINGS
 from .optim._validate import is_int, is_real
 
@@ -40,6 +40,8 @@ DEFAULT_ROUNDING = "master"
 ROUNDINGS: tuple[str, ...] = (DEFAULT_ROUNDING, *(r for r in ENGINE_ROUNDINGS if r != DEFAULT_ROUNDING))
 KEEPS = ("auto", "weights", "trajectory")
 ON_DIVERGENCE = ("stop", "rollback")
+#: ``none`` (one process) or a mode of the distributed ZO step (the engine owns that list).
+PARALLELS: tuple[str, ...] = ("none", *PARALLEL_MODES)
 
 #: Learning rate used when ``lr`` is not given: (full-parameter, adapter) per method family.
 #: ZO values are MeZO's published ranges scaled for a 135M model; FO values are the usual ones.
@@ -112,6 +114,12 @@ class TrainConfig:
         default=None,
         metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo only)"),
     )
+    parallel: str = field(
+        default="none",
+        metadata=_help(f"{' | '.join(PARALLELS)}: how the processes of a torchrun launch share the work (data: "
+                       "each rank a share of every batch; query: each rank its own direction on the whole batch; "
+                       "shard: parameters sharded with FSDP2, batches shared as in data)"),
+    )
     output_dir: str | None = field(
         default=None,
         metadata=_help("run folder (default: a new runs/<task>-<method>-<YYYYmmdd-HHMMSS>); a folder that "
@@ -152,7 +160,8 @@ class TrainConfig:
         """Every invalid value, each as one phrase naming the field (empty when valid)."""
         out = []
         for name, allowed in (("method", METHODS), ("peft", PEFT_MODES), ("dtype", DTYPES), ("objective", OBJECTIVES),
-                              ("rounding", ROUNDINGS), ("keep", KEEPS), ("on_divergence", ON_DIVERGENCE)):
+                              ("rounding", ROUNDINGS), ("keep", KEEPS), ("on_divergence", ON_DIVERGENCE),
+                              ("parallel", PARALLELS)):
             if getattr(self, name) not in allowed:
                 out.append(f"`{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "eval_batch_size", "eval_every", "num_train", "num_dev", "num_test", "max_length"):
@@ -179,6 +188,11 @@ class TrainConfig:
             out.append(f"`objective: {self.objective}` is not differentiable: use a ZO method, not {self.method}")
         if self.keep == "trajectory" and self.method in FO_METHODS:
             out.append(f"`keep: trajectory` needs a ZO method: {self.method} records no trajectory (use keep: weights)")
+        if self.parallel != "none" and self.method in FO_METHODS:
+            out.append(f"`parallel: {self.parallel}` needs a ZO method: {self.method} has gradients to all-reduce "
+                       "(use torch DDP/FSDP for first-order training)")
+        if self.parallel == "shard" and (self.dtype != "float32" or self.peft != "none"):
+            out.append("`parallel: shard` shards full fine-tuning of float32 weights (dtype: float32, peft: none)")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
         out += _device_problems(self.device)

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "TrainingDiverged",
     "RunInterrupted",
+    "RankFailed",
     "CurvzoWarning",
 ]
 
@@ -57,6 +58,11 @@ class RunInterrupted(KeyboardInterrupt):
 
     A ``KeyboardInterrupt``, so that code catching ``Exception`` (a benchmark grid) still stops.
     """
+
+
+class RankFailed(RuntimeError):
+    """Another rank of a distributed run died (or the launcher stopped this one): not an input
+    problem, so not a :class:`CurvzoError`; the CLI prints it as one line and exits with code 1."""
 
 
 class CurvzoWarning(UserWarning):

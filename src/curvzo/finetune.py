@@ -31,14 +31,18 @@ from . import scoring
 from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_splits
-from .errors import CheckpointError, ConfigError, RunInterrupted
+from .errors import CheckpointError, ConfigError, RankFailed, RunInterrupted
 from .divergence import DivergenceGuard, lower_lr
 from .interrupt import StepGuard
 from .io import write_json
-from .models import apply_peft, load_model, load_trainable, save_trainable, trainable_named_parameters
-from .optim import CurvZO, ZOOptimizer, build_optimizer, decay_param_groups
+from .models import (
+    apply_peft, load_model, load_trainable, read_saved_weights, save_trainable, trainable_named_parameters,
+)
+from .optim import CurvZO, DistributedZO, ZOOptimizer, build_optimizer, decay_param_groups
+from .optim.distributed import replay_queries
+from .parallel import Ranks, full_weights, load_local, reshard, shard_model, start
 from .tasks import Example, TaskConfig, get_task, task_from_dict
-from .trajectory import Hyper, Step, TrajectoryWriter, fingerprint, read_trajectory
+from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
 __all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState"]
 
@@ -70,44 +74,87 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     """Fine-tune ``cfg.model`` on ``cfg.task``; returns (and writes) ``results.json``'s content.
 
     Without ``cfg.output_dir`` the run gets a new folder; an existing folder that holds files is
-    refused unless ``resume`` (continue its run) or ``overwrite`` (replace it).
+    refused unless ``resume`` (continue its run) or ``overwrite`` (replace it). Under torchrun
+    with ``cfg.parallel`` set, every process calls this (see :mod:`curvzo.parallel`).
     """
     if resume and cfg.output_dir is None:
         raise ConfigError("resume needs the run folder (`output_dir`)")
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
     cfg = with_run_folder(cfg)
-    run = RunDir(cfg.output_dir)
-    run.check_writable()
-    if not resume:
-        run.check_unused(overwrite=overwrite)
-    _say(progress, f"loading data and {cfg.model}")
-    task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
-    optimizer = build_training_optimizer(cfg, model, named)
-    run.prepare(cfg, resume=resume)  # only now: bad inputs above leave nothing behind
+    ranks = start(cfg)
+    try:
+        cfg = ranks.agree(cfg)  # rank 0's run folder from here on
+        return _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
+    except (RankFailed, RuntimeError) as err:
+        failure = _rank_failure(ranks, err)
+        if failure is None:
+            raise
+        saved = RunDir(cfg.output_dir).checkpoint_step() if cfg.output_dir else None
+        where = (f"the last checkpoint is at step {saved}: continue with `curvzo train --resume {cfg.output_dir}` "
+                 "(under torchrun or in one process)" if saved is not None else "no checkpoint was written yet")
+        raise RankFailed(f"{failure}; {where}") from None
+    finally:
+        ranks.close()
+
+
+def _rank_failure(ranks: Ranks, err: BaseException) -> RankFailed | None:
+    """The failure of another rank behind ``err``, if that is what it is (None: a failure of this rank)."""
+    if not ranks.distributed:
+        return None
+    if isinstance(err, RankFailed):
+        return err
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError) or ranks.dead():
+        return ranks.failure(f"a collective failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    return None
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """:func:`train` once the ranks (one, without torchrun) agree on ``cfg``."""
+    run = RunDir(cfg.output_dir, writes=ranks.writes)
+    with ranks.together():
+        if ranks.writes:
+            run.check_writable()
+            if not resume:
+                run.check_unused(overwrite=overwrite)
+        _say(progress, f"loading data and {cfg.model}")
+        task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
+        optimizer = build_training_optimizer(cfg, model, named)
+    with ranks.together():  # only now, every rank ready: bad inputs above leave nothing behind
+        run.prepare(cfg, resume=resume)
+        state = _restore(run, named, optimizer) if resume else TrainState()
     _say(progress, f"run folder {run.path}")
-    state = _restore(run, named, optimizer) if resume else TrainState()
-    trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume)
+    trajectory = _open_trajectory(run, cfg, named, optimizer, state, resume) if ranks.writes else None
+    if ranks.sharded:  # only now: restoring and the trajectory's fingerprint need the whole model
+        named, optimizer = _shard(cfg, model, optimizer)
+    zo = DistributedZO(optimizer, ranks.step_mode) if ranks.step_mode is not None else None
     step_guard = StepGuard()
     saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
     loss_guard = _divergence_guard(cfg, state)
     stopped: str | None = None  # why the run stopped early
 
     def dev_metric(desc: str) -> float:
-        return evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
+        metric = evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
+        if ranks.sharded:
+            reshard(model)  # the step reads the embedding's sharded parameter for its active rows
+        return metric
 
     def checkpoint() -> None:
         nonlocal saved_step
         state.divergence = loss_guard.state_dict() if loss_guard is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
-        run.save_checkpoint(_weights(named), _checkpoint_state(state, optimizer))
+        weights = _weights(named) if ranks.writes or ranks.sharded else {}  # every rank gathers shards
+        if ranks.writes:
+            run.save_checkpoint(weights, _checkpoint_state(state, optimizer))
         saved_step = state.step
 
     try:
         if state.zero_shot is None:
             state.zero_shot = dev_metric("zero-shot dev")
             state.best_dev = state.zero_shot
-            _save_best(run, model, tokenizer)
+            _save_best(run, model, tokenizer, ranks)
             _snapshot_scores(state, optimizer, named)
         if cfg.on_divergence == "rollback" and saved_step is None:
             checkpoint()  # something to roll back to before the first evaluation
@@ -119,11 +166,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 batch_examples = train_batch(train_set, state.step, cfg)
                 batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
                 active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
-                loss, info = take_step(optimizer, model, task, batch, cfg, active)
+                if zo is None:
+                    loss, info = take_step(optimizer, model, task, batch, cfg, active)
+                    steps = [optimizer.last_step] if isinstance(optimizer, ZOOptimizer) else []
+                else:
+                    loss, info = take_parallel_step(zo, model, tokenizer, task, batch_examples, batch, cfg, active)
+                    steps = zo.last_steps
                 if trajectory is not None:
-                    trajectory.step(optimizer.last_step.grad, active, _hyper(optimizer))
+                    for taken in steps:
+                        trajectory.step(taken.grad, active, _hyper(optimizer), queries=len(steps))
                 state.step += 1
-                state.forward_passes += (2 if isinstance(optimizer, ZOOptimizer) else 1) * len(batch_examples)
+                state.forward_passes += (2 * len(steps) if steps else 1) * len(batch_examples)
                 state.wall_time_s += time.perf_counter() - clock
                 run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
                          "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
@@ -148,11 +201,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 dev = dev_metric("dev")
                 state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
                 _snapshot_scores(state, optimizer, named)
+                if not ranks.sharded:  # shards differ by design
+                    ranks.same_weights(fingerprint(named))
                 if dev > state.best_dev:
                     bar.set_postfix_str("saving best weights")
-                    _save_best(run, model, tokenizer)
+                    _save_best(run, model, tokenizer, ranks)
                     state.best_dev, state.best_step = dev, state.step
-            if evaluate_now or checkpoint_due(cfg, state.step, time.perf_counter() - last_save):
+            if evaluate_now or ranks.decide(checkpoint_due(cfg, state.step, time.perf_counter() - last_save)):
                 bar.set_postfix_str("saving checkpoint")
                 checkpoint()
                 last_save = time.perf_counter()
@@ -161,6 +216,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         saved_step = state.step  # from here on the weights are not the step's: Ctrl-C saves nothing more
         if trajectory is not None:
             trajectory.close()
+        ranks.barrier()  # rank 0 has written the best weights the others read
         _load_best(run, model, named, state.best_step)
         test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
     except KeyboardInterrupt:
@@ -174,7 +230,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         "seed": cfg.seed, "evals": [{**e, "dev": _round(e["dev"])} for e in state.evals],
         "rollbacks": state.rollbacks, "final_lr": float(optimizer.param_groups[0]["lr"]),
         **({"diverged": stopped} if stopped else {}),
+        **({"parallel": ranks.mode, "processes": ranks.world} if ranks.mode else {}),
     }
+    if not ranks.writes:
+        return results
     write_json(run.path / "results.json", results)
     if state.scores:
         write_json(run.path / "scores.json", state.scores)
@@ -271,6 +330,19 @@ def build_training_optimizer(
         raise ConfigError(f"invalid optimizer options for {cfg.method}: {err}") from None
 
 
+def _shard(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[tuple[str, torch.nn.Parameter]], torch.optim.Optimizer]:
+    """Shard ``model`` with FSDP2 and rebuild ``optimizer`` over the sharded parameters with the
+    same state (blocks and statistics are those of the full tensors, whatever the sharding)."""
+    saved = optimizer.state_dict()
+    shard_model(model)
+    named = trainable_named_parameters(model)
+    optimizer = build_training_optimizer(cfg, model, named)
+    optimizer.load_state_dict(saved)
+    return named, optimizer
+
+
 def _uses_embedding_rows(cfg: TrainConfig) -> bool:
     return cfg.embedding_rows if cfg.embedding_rows is not None else cfg.method == "curvzo"
 
@@ -317,6 +389,36 @@ def take_step(
     loss = optimizer.step(lambda: objective(model, task, batch, cfg.objective), active=active)
     info = optimizer.last_step
     return loss, {"grad": info.grad, "budget": round(info.budget, 4), "blocks": info.num_blocks, "skipped": info.skipped}
+
+
+def take_parallel_step(
+    zo: DistributedZO,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: TaskConfig,
+    examples: list[Example],
+    batch: Any,
+    cfg: TrainConfig,
+    active: torch.Tensor | None,
+) -> tuple[float, dict[str, Any]]:
+    """One distributed ZO step: data and shard modes evaluate this rank's equal share of the global
+    batch (``examples``, encoded as ``batch``), query mode the whole batch along this rank's
+    direction; the log line sums or averages over the step's queries.
+
+    The shares' losses are averaged with the weights the global loss gives them: their numbers of
+    examples, or of answer tokens for the LM loss (a mean over tokens).
+    """
+    weight = 1.0
+    if zo.mode != "query" and zo.world > 1:
+        share = len(examples) // zo.world
+        mine = examples[zo.rank * share : (zo.rank + 1) * share]
+        batch = scoring.encode(tokenizer, mine, max_length=cfg.max_length).to(cfg.resolved_device())
+        per_token = task.output_type == "generate_until" and cfg.objective == "loss"
+        weight = float(batch.label_mask.sum()) if per_token else float(share)
+    loss = zo.step(lambda: objective(model, task, batch, cfg.objective), active=active, weight=weight)
+    steps = zo.last_steps
+    return loss, {"grad": sum(s.grad for s in steps) / len(steps), "budget": round(steps[0].budget, 4),
+                  "blocks": sum(s.num_blocks for s in steps), "skipped": any(s.skipped for s in steps)}
 
 
 def _active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
@@ -457,17 +559,31 @@ def rebuild(
     return model, tokenizer, named
 
 
-def _replay_records(optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper], steps: int | None) -> int:
-    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many."""
-    done = 0
+def _replay_records(
+    optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper | Queries], steps: int | None
+) -> int:
+    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many.
+
+    A query-parallel step (q records after a ``Queries`` record) is replayed as one q-query step.
+    """
+    done, queries, pending = 0, 1, []
     for record in records:
         if isinstance(record, Hyper):
             for group, lr, wd, eps in zip(optimizer.param_groups, record.lr, record.weight_decay, record.eps):
                 group["lr"], group["weight_decay"], group["eps"] = lr, wd, eps
+        elif isinstance(record, Queries):
+            queries = record.q
         elif steps is not None and done == steps:
             break
         else:
-            optimizer.replay(record.grad, active=record.active)
+            pending.append(record)
+            if len(pending) < queries:
+                continue
+            if queries == 1:
+                optimizer.replay(record.grad, active=record.active)
+            else:
+                replay_queries(optimizer, [r.grad for r in pending], active=pending[0].active)
+            pending = []
             done += 1
     return done
 
@@ -507,28 +623,37 @@ def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
 BEST = "best"
 
 
-def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any) -> None:
-    save_trainable(model, run.path / BEST, tokenizer)
+def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any, ranks: Ranks) -> None:
+    """Rank 0 writes best/; in shard mode every rank first helps gather the full weights."""
+    weights = full_weights(model) if ranks.sharded else None
+    if ranks.writes:
+        save_trainable(model, run.path / BEST, tokenizer, state_dict=weights)
 
 
 def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int) -> None:
     """Put the best-dev weights into ``model``: from best/, or rebuilt from the trajectory when not kept."""
     if (run.path / BEST).is_dir():
-        load_trainable(model, run.path / BEST)
+        if any(hasattr(p, "full_tensor") for _, p in named):  # sharded: each rank loads its rows
+            weights = read_saved_weights(run.path / BEST)
+            _load_weights(named, {name: weights[name] for name, _ in named})
+        else:
+            load_trainable(model, run.path / BEST)
         return
     _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
     _load_weights(named, {name: p.detach() for name, p in rebuilt})
 
 
 def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """A CPU copy: what safetensors files hold, whatever device the run uses."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in named}
+    """A CPU copy: what safetensors files hold, whatever device the run uses (sharded
+    parameters gathered: a collective in shard mode)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True) for name, p in named}
 
 
 @torch.no_grad()
 def _load_weights(named: list[tuple[str, torch.nn.Parameter]], weights: dict[str, torch.Tensor]) -> None:
+    """Full weights into the parameters (a sharded one takes its own rows)."""
     for name, p in named:
-        p.copy_(weights[name])
+        load_local(p, weights[name])
 
 
 def _checkpoint_state(state: TrainState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -61,6 +61,7 @@ __all__ = [
     "save_trainable",
     "load_trainable",
     "trainable_named_parameters",
+    "read_saved_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -490,19 +491,23 @@ def _init_adapter(model: torch.nn.Module, seed: int) -> None:
 
 
 def save_trainable(
-    model: torch.nn.Module, folder: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None
+    model: torch.nn.Module,
+    folder: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save what was trained as a Hugging Face folder, atomically (with ``tokenizer`` when given).
 
     Both go through ``save_pretrained`` (safetensors): a plain model writes everything
     ``AutoModelForCausalLM.from_pretrained`` needs (config, generation config, weights), a PEFT
     model its adapter folder for ``PeftModel.from_pretrained(base, folder)``. An existing
-    ``folder`` is replaced only once the new one is complete.
+    ``folder`` is replaced only once the new one is complete. ``state_dict`` replaces the model's
+    own (the gathered weights of a sharded model).
     """
     target = Path(folder)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
@@ -521,12 +526,20 @@ def load_trainable(model: torch.nn.Module, folder: str | os.PathLike[str]) -> No
 
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         return
-    weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(str(shard)))
+    weights = read_saved_weights(folder)
     unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected or not weights:
         raise ModelError(f"{folder} does not hold this model's weights ({len(unexpected)} unknown tensors)")
+
+
+def read_saved_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a :func:`save_trainable` folder of a whole model, by name."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return weights
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -10,7 +10,9 @@ Layout: a magic line, one JSON header line, then records, appended as the run go
 * ``H`` + uint16 n + n x (float64 lr, float64 weight_decay, float64 eps): group hyperparameters,
   written before the first step and whenever a scheduler changes them;
 * ``S`` + float64 grad + varint r + r varints: one step; the varints are the run lengths of the
-  active mask, alternating inactive / active and starting with inactive (r = 0: no mask).
+  active mask, alternating inactive / active and starting with inactive (r = 0: no mask);
+* ``Q`` + uint16 q: the following steps are query-parallel steps of q queries each, every one
+  written as q consecutive ``S`` records (until the next ``Q``; before any, q = 1).
 
 A resumed run truncates the file to the byte offset stored in its checkpoint, so the file always
 matches the weights it would rebuild. The magic line carries the format version, which is also the
@@ -33,7 +35,7 @@ import torch
 from .errors import CheckpointError
 from .optim import NOISE_VERSION
 
-__all__ = ["MAGIC", "TrajectoryWriter", "Step", "Hyper", "read_trajectory", "fingerprint"]
+__all__ = ["MAGIC", "TrajectoryWriter", "Step", "Hyper", "Queries", "read_trajectory", "fingerprint"]
 
 _MAGIC_PREFIX = b"CURVZO-TRAJECTORY "
 MAGIC = _MAGIC_PREFIX + f"{NOISE_VERSION}\n".encode()
@@ -50,6 +52,13 @@ class Hyper:
     lr: tuple[float, ...]
     weight_decay: tuple[float, ...]
     eps: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Queries:
+    """From here on a step is ``q`` consecutive :class:`Step` records (a query-parallel step)."""
+
+    q: int
 
 
 def fingerprint(named: list[tuple[str, torch.Tensor]]) -> str:
@@ -97,13 +106,22 @@ class TrajectoryWriter:
                 handle.truncate(resume_at)
         self._handle: BinaryIO = open(self.path, "ab")
         self._hyper: Hyper | None = None
+        self._queries = 1  # the q the records so far leave in force (a resumed file may have set one)
+        if resume_at is not None:
+            for record in read_trajectory(self.path)[1]:
+                if isinstance(record, Queries):
+                    self._queries = record.q
 
     @property
     def offset(self) -> int:
         """Bytes written so far: what a checkpoint stores to truncate to on resume."""
         return self._handle.tell()
 
-    def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper) -> None:
+    def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper, queries: int = 1) -> None:
+        """One step record; a query-parallel step of q queries is q calls with ``queries=q``."""
+        if queries != self._queries:
+            self._handle.write(b"Q" + struct.pack("<H", queries))
+            self._queries = queries
         if hyper != self._hyper:
             payload = struct.pack("<H", len(hyper.lr)) + b"".join(
                 struct.pack("<ddd", *values) for values in zip(hyper.lr, hyper.weight_decay, hyper.eps)
@@ -129,7 +147,9 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def read_trajectory(path: str | os.PathLike, end: int | None = None) -> tuple[dict[str, Any], Iterator[Step | Hyper]]:
+def read_trajectory(
+    path: str | os.PathLike, end: int | None = None
+) -> tuple[dict[str, Any], Iterator[Step | Hyper | Queries]]:
     """The header and the records of a trajectory file, or of its first ``end`` bytes (a torn last record is dropped)."""
     path = Path(path)
     try:
@@ -152,7 +172,7 @@ def read_trajectory(path: str | os.PathLike, end: int | None = None) -> tuple[di
     return header, _records(data, end + 1)
 
 
-def _records(data: bytes, pos: int) -> Iterator[Step | Hyper]:
+def _records(data: bytes, pos: int) -> Iterator[Step | Hyper | Queries]:
     while pos < len(data):
         try:
             kind = data[pos : pos + 1]
@@ -161,6 +181,10 @@ def _records(data: bytes, pos: int) -> Iterator[Step | Hyper]:
                 values = struct.unpack_from(f"<{3 * n}d", data, pos + 3)
                 pos += 3 + 24 * n
                 yield Hyper(tuple(values[0::3]), tuple(values[1::3]), tuple(values[2::3]))
+            elif kind == b"Q":
+                (q,) = struct.unpack_from("<H", data, pos + 1)
+                pos += 3
+                yield Queries(q)
             elif kind == b"S":
                 (grad,) = struct.unpack_from("<d", data, pos + 1)
                 count, pos = _read_varint(data, pos + 9)

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from ._modes import PARALLEL_MODES
 from ._options import NOISES, PRESETS, ROUNDINGS
 
 if TYPE_CHECKING:
     from ._noise import NOISE_VERSION
     from ._stream import read_rows
     from .curvzo import CurvZO
+    from .distributed import DistributedZO
     from .mezo import MeZO
     from .optimizer import StepInfo, StepRecord, ZOOptimizer, decay_param_groups
 
@@ -33,12 +35,15 @@ __all__ = [
     "NOISES",
     "ROUNDINGS",
     "PRESETS",
+    "PARALLEL_MODES",
+    "DistributedZO",
     "build_optimizer",
 ]
 
 _LAZY = {
     "ZOOptimizer": "optimizer", "StepRecord": "optimizer", "StepInfo": "optimizer", "decay_param_groups": "optimizer",
     "MeZO": "mezo", "CurvZO": "curvzo", "read_rows": "_stream", "NOISE_VERSION": "_noise",
+    "DistributedZO": "distributed",
 }
 
 

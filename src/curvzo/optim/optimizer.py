@@ -70,6 +70,22 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class Draw:
+    """What the first half of a step drew: its step number, seed, blocks and their probabilities
+    (``probabilities``: the tensor ``_sample`` returned, which an estimator's correction may hand
+    back unchanged to mean the plain 1/pi update), and the budget fraction it drew with
+    (``blocks`` are the :class:`Block` objects of ``ids``)."""
+
+    step: int
+    seed: int
+    ids: tuple[int, ...]
+    pi: tuple[float, ...]
+    probabilities: torch.Tensor
+    budget: float
+    blocks: list[Block]
+
+
+@dataclass(frozen=True)
 class StepInfo:
     """What happened in the last call of ``step`` (``opt.last_step``), for logs and plots."""
 
@@ -361,22 +377,46 @@ class ZOOptimizer(torch.optim.Optimizer):
         evaluate: Callable[[list[Block], int], tuple[float, float, float]],
     ) -> StepInfo:
         """Draw the step seed and blocks, obtain (L+, L-, g), update and learn."""
+        draw = self._draw(active)
+        loss_plus, loss_minus, grad = evaluate(draw.blocks, draw.seed)
+        return self._commit(draw, loss_plus, loss_minus, grad)
+
+    def _draw(self, active: torch.Tensor | None) -> Draw:
+        """The first half of a step: budget, step seed and sampled blocks (advances the sampler).
+
+        Split from :meth:`_commit` so that a query-parallel step can draw several directions from
+        the same state before any of them is evaluated (``curvzo.optim.distributed``).
+        """
         if active is not None and (active.dtype != torch.bool or active.shape != (len(self.blocks),)):
             raise ValueError(f"active must be a bool tensor of shape ({len(self.blocks)},)")
         state = self._global_state()
         budget = self.budget_fraction()
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=self._sampler))
         ids, pi = self._sample(state, active)
-        blocks = [self.blocks[i] for i in ids.tolist()]
-        loss_plus, loss_minus, grad = evaluate(blocks, seed)
+        return Draw(state["step"], seed, tuple(ids.tolist()), tuple(float(x) for x in pi.tolist()), pi, budget,
+                    [self.blocks[i] for i in ids.tolist()])
+
+    def _commit(
+        self,
+        draw: Draw,
+        loss_plus: float,
+        loss_minus: float,
+        grad: float,
+        apply: Callable[[StepRecord], torch.Tensor] | None = None,
+    ) -> StepInfo:
+        """The second half of a step: record it, update (``apply``, default :meth:`apply`) and learn.
+
+        A non-finite ``grad`` is a skip: weights, statistics and the step count stay as they were.
+        """
+        state = self._global_state()
         skipped = not math.isfinite(grad)
         scale = _running_scale(state.get("grad_scale"), grad)
-        divisor = None if skipped else self._divisor(pi, grad, scale)
+        divisor = None if skipped else self._divisor(draw.probabilities, grad, scale)
         record = StepRecord(
-            step=state["step"],
-            seed=seed,
-            blocks=tuple(ids.tolist()),
-            pi=tuple(float(x) for x in pi.tolist()),
+            step=draw.step,
+            seed=draw.seed,
+            blocks=draw.ids,
+            pi=draw.pi,
             grad=grad,
             lr=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decay=tuple(float(g["weight_decay"]) for g in self.param_groups),
@@ -384,11 +424,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             divisor=divisor,
         )
         if not skipped:
-            sq_norms = self.apply(record)
+            sq_norms = (apply or self.apply)(record)
             self._observe(state, record, sq_norms)
             state["grad_scale"] = scale
             state["step"] += 1
-        self.last_step = StepInfo(loss_plus, loss_minus, grad, len(blocks), budget, skipped, record)
+        self.last_step = StepInfo(loss_plus, loss_minus, grad, len(draw.blocks), draw.budget, skipped, record)
         return self.last_step
 
     def _divisor(self, pi: torch.Tensor, grad: float, scale: float) -> tuple[float, ...] | None:
@@ -445,9 +485,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         norms: list[torch.Tensor] = []
         for block_id, pi in zip(record.blocks, record.divisor or record.pi):
             block = self.blocks[block_id]
-            g = block.group
-            lr, decay = record.lr[g], record.lr[g] * record.weight_decay[g]
-            scale = _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / pi)
+            lr, decay, scale = self._update_factors(record, block, pi)
             squares = []
             if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
@@ -460,6 +498,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             if squares:
                 norms.append(squares[0] if len(squares) == 1 else torch.stack(squares).sum())
         return _to_host(norms) if norms else torch.zeros(len(record.blocks), dtype=torch.float64)
+
+    @staticmethod
+    def _update_factors(record: StepRecord, block: Block, divisor: float) -> tuple[float, float, float]:
+        """(lr, lr * weight decay, the noise's factor -lr g / divisor) of ``block``'s update in
+        ``record``; ``divisor`` is the block's pi, or the estimator's ``record.divisor`` entry."""
+        g = block.group
+        lr = record.lr[g]
+        return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / divisor)
 
     def _update(self, block: Block, lo: int, hi: int, z: torch.Tensor, scale: float, decay: float, seed: int) -> None:
         """theta[lo:hi] = (1 - lr wd) theta + scale z, computed in fp32 and stored per ``rounding``."""
