@@ -49,7 +49,7 @@ from benchmarks._common import DEFAULT_DATA_DIR, RESULTS_DIR, environment, forma
 from curvzo import finetune, scoring
 from curvzo.config import TrainConfig
 
-GRID = tuple(1.25e-5 * 2**i for i in range(9))  # 1.25e-5 .. 3.2e-3
+GRID = tuple(1.25e-5 * 2**i for i in range(12))  # 1.25e-5 .. 2.56e-2 (normalised variants need the top)
 #: Where every search starts: MeZO's last stable lr on SST-2 (measured here from 5e-5 up: 5e-5,
 #: 1e-4, 2e-4 stable, 4e-4 not). Starting at the edge costs two runs per search instead of four.
 START_LR = 2e-4
@@ -201,15 +201,22 @@ def report(result: dict[str, Any]) -> str:
         rows = []
         for name, s in entry["variants"].items():
             ratio = (s["largest_stable_lr"] / base["largest_stable_lr"]
-                     if s.get("largest_stable_lr") and base.get("largest_stable_lr") else None)
-            rows.append([name, s["largest_stable_lr"], ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
+                     if s.get("largest_stable_lr") and base.get("largest_stable_lr") and _same_units(name, "mezo") else None)
+            largest = s["largest_stable_lr"]
+            largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] and largest else largest
+            rows.append([name, largest, ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
                          (s["best_tail_loss"] - base["best_tail_loss"]) if s["best_tail_loss"] and base.get("best_tail_loss") else None])
         lines.append(f"{task}: pretrained loss {entry['start_loss']:.4f} (mean over the batches), "
                      f"{result['config']['steps']} steps x 2 forwards of 16")
-        lines.append(format_table(["variant", "largest stable lr", "/ mezo", "unstable at", "best lr",
+        lines.append(format_table(["variant", "largest stable lr", "/ mezo (same units)", "unstable at", "best lr",
                                    f"rel. loss (last {TAIL})", "- mezo"], rows, floatfmt=".4g"))
         lines.append("")
     return "\n".join(lines)
+
+
+def _same_units(a: str, b: str) -> bool:
+    """Learning rates compare only between variants that both normalise g or both do not."""
+    return VARIANTS[a].options.get("normalize", False) == VARIANTS[b].options.get("normalize", False)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
