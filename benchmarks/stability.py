@@ -200,23 +200,24 @@ def report(result: dict[str, Any]) -> str:
         base = entry["variants"].get("mezo", {})
         rows = []
         for name, s in entry["variants"].items():
-            ratio = (s["largest_stable_lr"] / base["largest_stable_lr"]
-                     if s.get("largest_stable_lr") and base.get("largest_stable_lr") and _same_units(name, "mezo") else None)
+            peer = entry["variants"].get(_baseline(name), {})
+            ratio = (s["largest_stable_lr"] / peer["largest_stable_lr"]
+                     if s.get("largest_stable_lr") and peer.get("largest_stable_lr") else None)
             largest = s["largest_stable_lr"]
             largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] and largest else largest
             rows.append([name, largest, ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
                          (s["best_tail_loss"] - base["best_tail_loss"]) if s["best_tail_loss"] and base.get("best_tail_loss") else None])
         lines.append(f"{task}: pretrained loss {entry['start_loss']:.4f} (mean over the batches), "
                      f"{result['config']['steps']} steps x 2 forwards of 16")
-        lines.append(format_table(["variant", "largest stable lr", "/ mezo (same units)", "unstable at", "best lr",
+        lines.append(format_table(["variant", "largest stable lr", "/ its MeZO (same lr units)", "unstable at", "best lr",
                                    f"rel. loss (last {TAIL})", "- mezo"], rows, floatfmt=".4g"))
         lines.append("")
     return "\n".join(lines)
 
 
-def _same_units(a: str, b: str) -> bool:
-    """Learning rates compare only between variants that both normalise g or both do not."""
-    return VARIANTS[a].options.get("normalize", False) == VARIANTS[b].options.get("normalize", False)
+def _baseline(name: str) -> str:
+    """MeZO in the variant's lr units: a normalised g makes lr a step length, not a multiple of |g|."""
+    return "mezo+normalize" if VARIANTS[name].options.get("normalize", False) else "mezo"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
