@@ -63,17 +63,23 @@ def single(tiny_dir, data_dir, tmp_path_factory) -> Path:
     return run
 
 
-def test_data_mode_follows_one_process(tiny_dir, data_dir, tmp_path, single):
-    run = tmp_path / "data"
-    code, err = _finish(_torchrun("-m", "curvzo", *_argv(tiny_dir, data_dir, run, "--parallel", "data")))
+def _follows(run: Path, single: Path, mode: str, tiny_dir: Path, data_dir: Path) -> None:
+    """A 2-process ``mode`` run draws the one-process run's blocks and budgets, and its losses and
+    weights match up to the order in which the ranks' losses were summed."""
+    code, err = _finish(_torchrun("-m", "curvzo", *_argv(tiny_dir, data_dir, run, "--parallel", mode)))
     assert code == 0, err
     mine, theirs = _log(run), _log(single)
     assert [r["blocks"] for r in mine] == [r["blocks"] for r in theirs]
     assert [r["budget"] for r in mine] == [r["budget"] for r in theirs]
     assert [r["loss"] for r in mine] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
-    expected = _weights(single)
-    for name, tensor in _weights(run).items():  # the losses were averaged in another order
+    expected = _weights(single)  # in shard mode, the shards rank 0 gathered
+    for name, tensor in _weights(run).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_data_mode_follows_one_process(tiny_dir, data_dir, tmp_path, single):
+    run = tmp_path / "data"
+    _follows(run, single, "data", tiny_dir, data_dir)
     results = json.loads((run / "results.json").read_text())
     # Rank 0 alone wrote the folder; the ranks' weights were compared at every evaluation.
     assert results["processes"] == 2 and results["parallel"] == "data"
@@ -98,14 +104,8 @@ def test_a_single_process_run_continues_in_query_mode_and_replays(tiny_dir, data
 
 def test_shard_mode_follows_one_process_and_its_records_replay_unsharded(tiny_dir, data_dir, tmp_path, single):
     run = tmp_path / "shard"
-    code, err = _finish(_torchrun("-m", "curvzo", *_argv(tiny_dir, data_dir, run, "--parallel", "shard")))
-    assert code == 0, err
-    mine, theirs = _log(run), _log(single)
-    assert [r["blocks"] for r in mine] == [r["blocks"] for r in theirs]
-    assert [r["loss"] for r in mine] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
-    final, expected = _weights(run), _weights(single)  # rank 0 gathered the shards
-    for name, tensor in final.items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+    _follows(run, single, "shard", tiny_dir, data_dir)
+    final = _weights(run)
     # Each rank updated its rows exactly as one process updates them, given the same g.
     assert main(["replay", str(tiny_dir), str(run / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
     rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
