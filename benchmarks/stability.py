@@ -184,7 +184,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "largest_stable_lr": max((r["lr"] for r in stable), default=None),
         "smallest_unstable_lr": min(unstable) if unstable else None,
-        "grid_edge": not unstable,  # stable up to the top of the grid: the true edge is higher
+        "grid_edge": bool(stable) and stable[-1]["lr"] >= GRID[-1],  # the true edge is higher
+        "unfinished": not unstable and not (stable and stable[-1]["lr"] >= GRID[-1]),  # the search was cut
         "best_lr": best["lr"] if best else None,
         "best_tail_loss": best["tail_loss"] if best else None,
         "best_losses": best["relative_losses"] if best else None,
@@ -204,7 +205,7 @@ def report(result: dict[str, Any]) -> str:
             ratio = (s["largest_stable_lr"] / peer["largest_stable_lr"]
                      if s.get("largest_stable_lr") and peer.get("largest_stable_lr") else None)
             largest = s["largest_stable_lr"]
-            largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] and largest else largest
+            largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] else f">= {largest:.4g} (unfinished)" if s["unfinished"] and largest else largest
             rows.append([name, largest, ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
                          (s["best_tail_loss"] - base["best_tail_loss"]) if s["best_tail_loss"] and base.get("best_tail_loss") else None])
         lines.append(f"{task}: pretrained loss {entry['start_loss']:.4f} (mean over the batches), "
