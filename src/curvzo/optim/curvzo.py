@@ -165,7 +165,7 @@ class CurvZO(ZOOptimizer):
         self.correction = correction
         self.multiplier_cap = None if multiplier_cap is None else float(multiplier_cap)
         self._step_active: torch.Tensor | None = None
-        self._step_counts: torch.Tensor | None = None  # with-replacement divisors of this step's blocks
+        self._step_divisor: torch.Tensor | None = None  # with-replacement divisors of this step's blocks
         self._dense_for: list | None = None
         self._dense = torch.zeros(0, dtype=torch.bool)
         self._floor = torch.zeros(0, dtype=torch.float64)
@@ -282,7 +282,7 @@ class CurvZO(ZOOptimizer):
             self._update_budget(state, self._drawable(active))
         self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
         self._step_active = active
-        self._step_counts = None
+        self._step_divisor = None
         if self.sampling == "replacement":
             return self._draw_with_replacement(active)
         if self.sampling == "uniform":
@@ -307,11 +307,11 @@ class CurvZO(ZOOptimizer):
                                     minlength=len(self.blocks)).double()
             divisor = torch.where(counts > 0, k * p / counts.clamp_min(1.0), divisor)
         ids = (divisor > 0).nonzero().flatten()
-        self._step_counts = divisor[ids]
+        self._step_divisor = divisor[ids]
         return ids, self._step_pi[ids]
 
     def _correction(self, pi: torch.Tensor, grad: float, scale: float) -> torch.Tensor:
-        divisor = pi if self._step_counts is None else self._step_counts
+        divisor = pi if self._step_divisor is None else self._step_divisor
         if self.correction == "subspace":
             divisor = torch.full_like(pi, self._perturbed_fraction())
         if self.multiplier_cap is not None and scale > 0.0:
@@ -384,6 +384,7 @@ class CurvZO(ZOOptimizer):
         energy = state["energy"]
         energy[usable] = (1.0 - self.score_beta) * energy[usable] + self.score_beta * estimate[usable]
         positive = energy.clamp_min(0.0)
-        sizes = torch.tensor([b.numel for b in self.blocks], dtype=torch.float64)
+        self._refresh_block_options()
+        sizes = self._sizes
         cross = float((pi * positive).sum())
         state["scores"] = torch.sqrt((sizes + 2.0) * positive + sizes * cross).clamp_min(1e-12)
