@@ -9,9 +9,11 @@ MSE ranked configurations opposite to their stability on SmolLM2-135M.
 Protocol (defaults reproduce ``benchmarks/results/stability/``):
 
 * SmolLM2-135M fp32, full-parameter, label-only cross-entropy; batches of 16 with ``max_length``
-  64 drawn by :func:`curvzo.finetune.train_batch` with seed 0: every variant and learning rate sees
-  the same batches in the same order, so losses at equal steps (equal forward passes: every ZO
-  step costs two forwards of one batch) are comparable.
+  64 drawn by :func:`curvzo.finetune.train_batch` with ``--seed`` (0): every variant and learning
+  rate sees the same batches in the same order, so losses at equal steps (equal forward passes:
+  every ZO step costs two forwards of one batch) are comparable. Another seed draws other batches
+  and other directions; its runs go to ``<out>/seed<N>/`` and the seed-0 table shows them beside
+  its own, so each difference to MeZO stands next to the same difference on other seeds.
 * Each variant is a harness optimizer (:func:`curvzo.finetune.build_training_optimizer`, as
   ``curvzo train`` builds it: a preset, option overrides, embedding rows as blocks or not).
 * Divergence. Batches differ in difficulty far more than a few steps of ZO change the loss, so
@@ -67,10 +69,10 @@ class Variant:
     embedding_rows: bool | None = None
     start_lr: float = START_LR
 
-    def config(self, task: str, lr: float, steps: int, data_dir: str) -> TrainConfig:
+    def config(self, task: str, lr: float, steps: int, data_dir: str, seed: int) -> TrainConfig:
         return TrainConfig(
             task=task, method=self.method, lr=lr, optimizer_options=dict(self.options), embedding_rows=self.embedding_rows,
-            steps=steps, batch_size=16, max_length=64, data_dir=data_dir, num_dev=16, num_test=16, seed=0, device="cpu",
+            steps=steps, batch_size=16, max_length=64, data_dir=data_dir, num_dev=16, num_test=16, seed=seed, device="cpu",
         )
 
 
@@ -97,9 +99,9 @@ VARIANTS: dict[str, Variant] = {
 class Task:
     """A task's model, pretrained weights (for resetting between runs), batches and start loss."""
 
-    def __init__(self, name: str, steps: int, data_dir: str) -> None:
-        cfg = VARIANTS["mezo"].config(name, START_LR, steps, data_dir)
-        self.name, self.steps = name, steps
+    def __init__(self, name: str, steps: int, data_dir: str, seed: int) -> None:
+        cfg = VARIANTS["mezo"].config(name, START_LR, steps, data_dir, seed)
+        self.name, self.steps, self.seed = name, steps, seed
         self.task, (self.train_set, _, _), self.model, self.tokenizer, self.named = finetune.setup(cfg)
         self.initial = [p.detach().clone() for _, p in self.named]
         self.batches = [self.encode(finetune.train_batch(self.train_set, step, cfg)) for step in range(steps)]
@@ -121,14 +123,14 @@ class Task:
 def train(task: Task, variant: Variant, lr: float, base: Sequence[float], data_dir: str) -> dict[str, Any]:
     """``task.steps`` steps of ``variant`` at ``lr`` from the pretrained weights, stopped at divergence."""
     task.reset()
-    cfg = variant.config(task.name, lr, task.steps, data_dir)
+    cfg = variant.config(task.name, lr, task.steps, data_dir, task.seed)
     optimizer = finetune.build_training_optimizer(cfg, task.model, task.named)
     relative: list[float] = []
     running = 1.0
     reason = None
     clock = time.perf_counter()
     for batch, pretrained in zip(task.batches, base):
-        active = finetune._active_blocks(optimizer, task.model, batch)
+        active = finetune.active_blocks(optimizer, task.model, batch)
         loss, _ = finetune.take_step(optimizer, task.model, task.task, batch, cfg, active)
         relative.append(loss / pretrained)
         running = SMOOTHING * running + (1 - SMOOTHING) * relative[-1]
@@ -195,10 +197,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ report
 def report(result: dict[str, Any]) -> str:
-    tasks = result["tasks"]
+    tasks, others = result["tasks"], result.get("other_seeds", {})
     lines = []
     for task, entry in tasks.items():
-        base = entry["variants"].get("mezo", {})
         rows = []
         for name, s in entry["variants"].items():
             peer = entry["variants"].get(_baseline(name), {})
@@ -207,13 +208,28 @@ def report(result: dict[str, Any]) -> str:
             largest = s["largest_stable_lr"]
             largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] else f">= {largest:.4g} (unfinished)" if s["unfinished"] and largest else largest
             rows.append([name, largest, ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
-                         (s["best_tail_loss"] - base["best_tail_loss"]) if s["best_tail_loss"] and base.get("best_tail_loss") else None])
+                         _minus_mezo(entry, name), *(_other_seed(o.get(task), name) for o in others.values())])
         lines.append(f"{task}: pretrained loss {entry['start_loss']:.4f} (mean over the batches), "
                      f"{result['config']['steps']} steps x 2 forwards of 16")
         lines.append(format_table(["variant", "largest stable lr", "/ its MeZO (same lr units)", "unstable at", "best lr",
-                                   f"rel. loss (last {TAIL})", "- mezo"], rows, floatfmt=".4g"))
+                                   f"rel. loss (last {TAIL})", "- mezo",
+                                   *(f"seed {seed}: stable lr, - mezo" for seed in others)], rows, floatfmt=".4g"))
         lines.append("")
     return "\n".join(lines)
+
+
+def _minus_mezo(entry: dict[str, Any], name: str) -> float | None:
+    """The variant's loss figure minus MeZO's (in the variant's lr units) on one seed's batches."""
+    s, peer = entry["variants"][name], entry["variants"].get("mezo", {})
+    return s["best_tail_loss"] - peer["best_tail_loss"] if s["best_tail_loss"] and peer.get("best_tail_loss") else None
+
+
+def _other_seed(entry: dict[str, Any] | None, name: str) -> str | None:
+    if not entry or name not in entry["variants"]:
+        return None
+    s, diff = entry["variants"][name], _minus_mezo(entry, name)
+    largest = "-" if s["largest_stable_lr"] is None else f"{s['largest_stable_lr']:.4g}{'+' if s['unfinished'] or s['grid_edge'] else ''}"
+    return f"{largest}, {'-' if diff is None else f'{diff:+.4g}'}"
 
 
 def _baseline(name: str) -> str:
@@ -274,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="sst2,mr")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, in run order")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0, help="batches and directions; seed N > 0 runs in <out>/seed<N>")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "stability")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument("--aggregate-only", action="store_true")
@@ -284,30 +301,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variant(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.seed < 0:
+        print(f"--seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     if not args.aggregate_only:
         quiet_transformers()
-        loaded = {t: Task(t, args.steps, args.data_dir) for t in tasks}
+        run_out = seed_dir(args.out, args.seed)
+        loaded = {t: Task(t, args.steps, args.data_dir, args.seed) for t in tasks}
         base = {}
         for t, task in loaded.items():
-            start_path = args.out / "runs" / t / "start.json"
+            start_path = run_out / "runs" / t / "start.json"
             if not start_path.exists():
                 write_json(start_path, {"task": t, "pretrained_losses": task.pretrained_losses(), "steps": args.steps})
             start = json.loads(start_path.read_text())
             if start["steps"] != args.steps:
-                print(f"{args.out} holds runs of {start['steps']} steps, not {args.steps}: use --steps "
+                print(f"{run_out} holds runs of {start['steps']} steps, not {args.steps}: use --steps "
                       f"{start['steps']} or another --out", file=sys.stderr)
                 return 2
             base[t] = start["pretrained_losses"]
         for name in names:
             for t, task in loaded.items():
-                search(task, name, base[t], args.out, args.data_dir)
+                search(task, name, base[t], run_out, args.data_dir)
                 _write(args.out, tasks, names, args.steps)
     print(_write(args.out, tasks, names, args.steps))
     return 0
 
 
+def seed_dir(out: Path, seed: int) -> Path:
+    return out if seed == 0 else out / f"seed{seed}"
+
+
 def _write(out: Path, tasks: Sequence[str], names: Sequence[str], steps: int) -> str:
     result = aggregate(out, tasks, names, steps)
+    seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
+    result["other_seeds"] = {seed: aggregate(seed_dir(out, seed), tasks, names, steps)["tasks"] for seed in seeds}
     result["environment"] = environment("cpu")
     write_json(out / "stability.json", result)
     if result["tasks"]:

@@ -44,7 +44,7 @@ from .parallel import Ranks, full_weights, load_local, reshard, shard_model, sta
 from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "TrainState"]
+__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "active_blocks", "TrainState"]
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -165,7 +165,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
             with step_guard:  # Ctrl-C waits for the step to end: weights are mid-update inside it
                 batch_examples = train_batch(train_set, state.step, cfg)
                 batch = scoring.encode(tokenizer, batch_examples, max_length=cfg.max_length).to(cfg.resolved_device())
-                active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
+                active = active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
                 if zo is None:
                     loss, info = take_step(optimizer, model, task, batch, cfg, active)
                     steps = [optimizer.last_step] if isinstance(optimizer, ZOOptimizer) else []
@@ -421,8 +421,10 @@ def take_parallel_step(
                   "blocks": sum(s.num_blocks for s in steps), "skipped": any(s.skipped for s in steps)}
 
 
-def _active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
-    """Embedding rows of the batch's tokens and of the scored tokens; None when rows are not blocks."""
+def active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
+    """The ``active`` mask of a ZO step on ``batch``: every block except the embedding rows of tokens
+    that are neither in the batch nor scored (those rows cannot change the loss, so perturbing them
+    only adds noise). None when embedding rows are not blocks (everything is active)."""
     weight = model.get_input_embeddings().weight
     row_groups = [g for g in optimizer.param_groups if g.get("block_size") and any(p is weight for p in g["params"])]
     if not row_groups:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import scoring
 from .config import TrainConfig
 from .errors import ConfigError
-from .finetune import _active_blocks, _load_weights, _weights, build_training_optimizer, setup, take_step, train_batch
+from .finetune import _load_weights, _weights, active_blocks, build_training_optimizer, setup, take_step, train_batch
 from .optim import ZOOptimizer
 
 __all__ = ["Trial", "LrFindResult", "lr_grid", "lr_find"]
@@ -92,7 +92,7 @@ def lr_find(
         for step in range(steps):
             batch = scoring.encode(tokenizer, train_batch(train_set, step, run_cfg), max_length=cfg.max_length)
             batch = batch.to(cfg.resolved_device())
-            active = _active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
+            active = active_blocks(optimizer, model, batch) if isinstance(optimizer, ZOOptimizer) else None
             loss, _ = take_step(optimizer, model, task, batch, run_cfg, active)
             losses.append(loss)
             forward_passes += 2 * cfg.batch_size
