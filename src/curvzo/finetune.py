@@ -44,7 +44,10 @@ from .parallel import Ranks, full_weights, load_local, reshard, shard_model, sta
 from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
-__all__ = ["train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "active_blocks", "TrainState"]
+__all__ = [
+    "train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "active_blocks", "load_weights",
+    "weights_on_cpu", "TrainState",
+]
 
 #: Consecutive skipped (non-finite) steps after which a run stops as diverged.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -145,7 +148,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         nonlocal saved_step
         state.divergence = loss_guard.state_dict() if loss_guard is not None else {}
         state.trajectory_bytes = trajectory.offset if trajectory is not None else 0
-        weights = _weights(named) if ranks.writes or ranks.sharded else {}  # every rank gathers shards
+        weights = weights_on_cpu(named) if ranks.writes or ranks.sharded else {}  # every rank gathers shards
         if ranks.writes:
             run.save_checkpoint(weights, _checkpoint_state(state, optimizer))
         saved_step = state.step
@@ -505,7 +508,7 @@ def _roll_back(
     """Back to the last checkpoint with half the current learning rate; the log and trajectory are cut back to it."""
     halved = [group["lr"] / 2 for group in optimizer.param_groups]  # the checkpoint's may predate a roll-back
     weights, saved = run.load_checkpoint()
-    _load_weights(named, weights)
+    load_weights(named, weights)
     optimizer.load_state_dict(saved["optimizer"])
     for group, lr in zip(optimizer.param_groups, halved):
         group["lr"] = lr
@@ -637,22 +640,22 @@ def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int)
     if (run.path / BEST).is_dir():
         if any(hasattr(p, "full_tensor") for _, p in named):  # sharded: each rank loads its rows
             weights = read_saved_weights(run.path / BEST)
-            _load_weights(named, {name: weights[name] for name, _ in named})
+            load_weights(named, {name: weights[name] for name, _ in named})
         else:
             load_trainable(model, run.path / BEST)
         return
     _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
-    _load_weights(named, {name: p.detach() for name, p in rebuilt})
+    load_weights(named, {name: p.detach() for name, p in rebuilt})
 
 
-def _weights(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+def weights_on_cpu(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """A CPU copy: what safetensors files hold, whatever device the run uses (sharded
     parameters gathered: a collective in shard mode)."""
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", copy=True) for name, p in named}
 
 
 @torch.no_grad()
-def _load_weights(named: list[tuple[str, torch.nn.Parameter]], weights: dict[str, torch.Tensor]) -> None:
+def load_weights(named: list[tuple[str, torch.nn.Parameter]], weights: dict[str, torch.Tensor]) -> None:
     """Full weights into the parameters (a sharded one takes its own rows)."""
     for name, p in named:
         load_local(p, weights[name])
@@ -671,7 +674,7 @@ def _restore(run: RunDir, named: list, optimizer: torch.optim.Optimizer) -> Trai
             raise CheckpointError(f"cannot resume {run.path}: its trajectory was recorded on other base weights")
         _replay_records(optimizer, records, state.step)
     else:
-        _load_weights(named, weights)
+        load_weights(named, weights)
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except ValueError as err:  # e.g. a state whose noise this engine cannot continue

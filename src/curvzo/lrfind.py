@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import scoring
 from .config import TrainConfig
 from .errors import ConfigError
-from .finetune import _load_weights, _weights, active_blocks, build_training_optimizer, setup, take_step, train_batch
+from .finetune import active_blocks, build_training_optimizer, load_weights, setup, take_step, train_batch, weights_on_cpu
 from .optim import ZOOptimizer
 
 __all__ = ["Trial", "LrFindResult", "lr_grid", "lr_find"]
@@ -78,13 +78,13 @@ def lr_find(
         raise ConfigError(f"lr-find sweeps ZO methods, not {cfg.method}")
     clock = time.perf_counter()
     task, (train_set, _, _), model, tokenizer, named = setup(cfg)
-    start = _weights(named)
+    start = weights_on_cpu(named)
     bar = tqdm(total=steps * len(lrs), disable=not progress, desc="lr-find")
     trials: list[Trial] = []
     reference: float | None = None
     forward_passes = 0
     for lr in lrs:
-        _load_weights(named, start)
+        load_weights(named, start)
         run_cfg = replace(cfg, lr=lr)
         optimizer = build_training_optimizer(run_cfg, model, named)
         bar.set_description(f"lr-find {lr:.3g}")
@@ -105,7 +105,7 @@ def lr_find(
         if diverged:
             break
     bar.close()
-    _load_weights(named, start)
+    load_weights(named, start)
     stable = [t.lr for t in trials if not t.diverged]
     largest = stable[-1] if stable else None
     suggested = stable[-2] if len(stable) >= 2 else largest
