@@ -22,10 +22,12 @@ Protocol (defaults reproduce ``benchmarks/results/stability/``):
   average (0.9) started at 1. A run is stable when the running relative loss never exceeds 1.5
   and ends below 1; it is stopped as soon as the first fails (or a loss is not finite).
 * Learning rates come from a geometric grid (factor 2); the search starts at the variant's own
-  starting point, goes up while runs are stable and down while they are not. The largest stable
-  lr is the largest stable one below the smallest unstable one. The best lr is the stable run
-  with the lowest mean relative loss over its last 20 steps (the loss figure; equal batches for
-  all, so differences between variants are differences of training progress).
+  starting point, goes up while runs are stable and down while they are not, and then runs one
+  grid step below the largest stable lr (the smallest unstable one's stable neighbour often trains
+  worse than the lr below it). The largest stable lr is the largest stable one below the smallest
+  unstable one. The best lr is the stable run with the lowest mean relative loss over its last 20
+  steps (the loss figure; equal batches for all, so differences between variants are differences
+  of training progress); every variant's best lr is chosen from (at least) its two largest stable lrs.
 
 Every run is one JSON file under ``<out>/runs/<task>/<variant>-lr<lr>.json``, written when it
 ends: an interrupted benchmark resumes where it stopped (``--aggregate-only`` redraws the summary
@@ -62,12 +64,14 @@ TAIL = 20  # steps averaged for the loss figure
 
 @dataclass(frozen=True)
 class Variant:
-    """A harness optimizer: a preset, option overrides, rows as blocks, and where its lr search starts."""
+    """A harness optimizer: a preset, option overrides, rows as blocks, where its lr search starts,
+    and the ``benchmarks.estimator_quality`` method that measures the same estimator's one-batch MSE."""
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     embedding_rows: bool | None = None
     start_lr: float = START_LR
+    mse_method: str | None = None
 
     def config(self, task: str, lr: float, steps: int, data_dir: str, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -79,20 +83,25 @@ class Variant:
 _CURVZO = {"dense_below": 16384}
 #: In priority order: a partial run covers the first ones. Normalised variants move by about lr
 #: per coordinate instead of lr |g| (|g| ~ 5-50 here), so their search starts 8x higher.
+#: A normalised g estimates the gradient divided by a running scale, so it has no MSE against the
+#: gradient to compare (mse_method None).
 VARIANTS: dict[str, Variant] = {
-    "mezo": Variant("mezo"),
-    "curvzo": Variant("curvzo"),
-    "curvzo+cap3": Variant("curvzo", {**_CURVZO, "multiplier_cap": 3.0}),
-    "curvzo+subspace": Variant("curvzo", {**_CURVZO, "correction": "subspace"}),
+    "mezo": Variant("mezo", mse_method="mezo"),
+    "curvzo": Variant("curvzo", mse_method="curvzo-harness"),
+    "curvzo+cap3": Variant("curvzo", {**_CURVZO, "multiplier_cap": 3.0}, mse_method="curvzo+cap3"),
+    "curvzo+subspace": Variant("curvzo", {**_CURVZO, "correction": "subspace"}, mse_method="curvzo+subspace"),
     "curvzo+normalize": Variant("curvzo", {**_CURVZO, "normalize": True}, start_lr=8 * START_LR),
     "mezo+normalize": Variant("mezo", {"normalize": True}, start_lr=8 * START_LR),
-    "mezo+rows": Variant("mezo", embedding_rows=True),
-    "curvzo-ref": Variant("curvzo-ref", embedding_rows=True),
-    "curvzo+replacement": Variant("curvzo", {**_CURVZO, "sampling": "replacement", "explore_mix": 0.3}),
-    "curvzo+floor0.2": Variant("curvzo", {**_CURVZO, "pi_floor": 0.2}),
-    "curvzo+rademacher": Variant("curvzo", {**_CURVZO, "noise": "rademacher"}),
-    "uniform-sparse": Variant("uniform-sparse"),
+    "mezo+rows": Variant("mezo", embedding_rows=True, mse_method="mezo+rows-active"),
+    "curvzo-ref": Variant("curvzo-ref", embedding_rows=True, mse_method="ref+rows-active"),
+    "curvzo+replacement": Variant("curvzo", {**_CURVZO, "sampling": "replacement", "explore_mix": 0.3},
+                                  mse_method="curvzo+replacement"),
+    "curvzo+floor0.2": Variant("curvzo", {**_CURVZO, "pi_floor": 0.2}, mse_method="curvzo+floor0.2"),
+    "curvzo+rademacher": Variant("curvzo", {**_CURVZO, "noise": "rademacher"}, mse_method="curvzo+rademacher"),
+    "uniform-sparse": Variant("uniform-sparse", mse_method="uniform-sparse"),
 }
+#: Where the one-batch MSE column comes from (``python -m benchmarks.estimator_quality``).
+ESTIMATOR_QUALITY = RESULTS_DIR / "estimator_quality.json"
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -155,12 +164,13 @@ def run_path(out: Path, task: str, name: str, lr: float) -> Path:
 
 
 def search(task: Task, name: str, base: Sequence[float], out: Path, data_dir: str) -> list[dict[str, Any]]:
-    """Runs of one variant up the grid while stable, down while not; finished runs are read back."""
+    """Runs of one variant up the grid while stable, down while not, then one grid step below the
+    largest stable lr (the lr at the edge often trains worse than the next one down, so the best lr
+    is looked for among both); finished runs are read back."""
     variant = VARIANTS[name]
-    index = min(range(len(GRID)), key=lambda i: abs(math.log(GRID[i] / variant.start_lr)))
     runs: dict[int, dict[str, Any]] = {}
-    direction = 0
-    while 0 <= index < len(GRID) and index not in runs:
+
+    def run(index: int) -> dict[str, Any]:
         path = run_path(out, task.name, name, GRID[index])
         if path.exists():
             runs[index] = json.loads(path.read_text())
@@ -169,11 +179,20 @@ def search(task: Task, name: str, base: Sequence[float], out: Path, data_dir: st
             write_json(path, {"task": task.name, "variant": name, **runs[index]})
             print(f"  {task.name} {name} lr {GRID[index]:.4g}: {'stable' if runs[index]['stable'] else 'unstable'} "
                   f"({runs[index]['seconds']} s)", flush=True)
-        step = 1 if runs[index]["stable"] else -1
+        return runs[index]
+
+    index = min(range(len(GRID)), key=lambda i: abs(math.log(GRID[i] / variant.start_lr)))
+    direction = 0
+    while 0 <= index < len(GRID) and index not in runs:
+        step = 1 if run(index)["stable"] else -1
         if direction and step != direction:
             break  # the edge is found: a stable run next to an unstable one
         direction = step
         index += step
+    ceiling = min((i for i, r in runs.items() if not r["stable"]), default=len(GRID))
+    below = [i for i, r in runs.items() if r["stable"] and i < ceiling]
+    if below and max(below) > 0 and max(below) - 1 not in runs:
+        run(max(below) - 1)
     return [runs[i] for i in sorted(runs)]
 
 
@@ -208,12 +227,14 @@ def report(result: dict[str, Any]) -> str:
             largest = s["largest_stable_lr"]
             largest = f">= {largest:.4g} (grid top)" if s["grid_edge"] else f">= {largest:.4g} (unfinished)" if s["unfinished"] and largest else largest
             rows.append([name, largest, ratio, s["smallest_unstable_lr"], s["best_lr"], s["best_tail_loss"],
-                         _minus_mezo(entry, name), *(_other_seed(o.get(task), name) for o in others.values())])
+                         _minus_mezo(entry, name), *(_other_seed(o.get(task), name) for o in others.values()),
+                         _mse(result.get("mse", {}).get(name))])
         lines.append(f"{task}: pretrained loss {entry['start_loss']:.4f} (mean over the batches), "
                      f"{result['config']['steps']} steps x 2 forwards of 16")
         lines.append(format_table(["variant", "largest stable lr", "/ its MeZO (same lr units)", "unstable at", "best lr",
                                    f"rel. loss (last {TAIL})", "- mezo",
-                                   *(f"seed {seed}: stable lr, - mezo" for seed in others)], rows, floatfmt=".4g"))
+                                   *(f"seed {seed}: stable lr, - mezo" for seed in others),
+                                   "1-batch MSE / MeZO"], rows, floatfmt=".4g"))
         lines.append("")
     return "\n".join(lines)
 
@@ -230,6 +251,21 @@ def _other_seed(entry: dict[str, Any] | None, name: str) -> str | None:
     s, diff = entry["variants"][name], _minus_mezo(entry, name)
     largest = "-" if s["largest_stable_lr"] is None else f"{s['largest_stable_lr']:.4g}{'+' if s['unfinished'] or s['grid_edge'] else ''}"
     return f"{largest}, {'-' if diff is None else f'{diff:+.4g}'}"
+
+
+def _mse(entry: dict[str, float] | None) -> str | None:
+    return None if entry is None else f"{entry['ratio']:.3g} +- {entry['se']:.2g}"
+
+
+def mse_ratios(path: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Monte-Carlo MSE / MeZO's exact MSE of each variant's estimator on one SST-2 batch at the
+    pretrained weights (a secondary figure: variants are chosen by stability), where measured."""
+    if not path.exists():
+        return {}
+    measured = {m["name"]: m for m in json.loads(path.read_text())["methods"] if m.get("mc_mse_ratio") is not None}
+    wanted = {name: VARIANTS[name].mse_method for name in names}
+    return {name: {"ratio": measured[m]["mc_mse_ratio"], "se": measured[m]["mc_mse_ratio_se"], "method": m}
+            for name, m in wanted.items() if m in measured}
 
 
 def _baseline(name: str) -> str:
@@ -335,6 +371,7 @@ def _write(out: Path, tasks: Sequence[str], names: Sequence[str], steps: int) ->
     result = aggregate(out, tasks, names, steps)
     seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
     result["other_seeds"] = {seed: aggregate(seed_dir(out, seed), tasks, names, steps)["tasks"] for seed in seeds}
+    result["mse"] = mse_ratios(ESTIMATOR_QUALITY, names)
     result["environment"] = environment("cpu")
     write_json(out / "stability.json", result)
     if result["tasks"]:
