@@ -253,19 +253,27 @@ def _other_seed(entry: dict[str, Any] | None, name: str) -> str | None:
     return f"{largest}, {'-' if diff is None else f'{diff:+.4g}'}"
 
 
-def _mse(entry: dict[str, float] | None) -> str | None:
-    return None if entry is None else f"{entry['ratio']:.3g} +- {entry['se']:.2g}"
+def _mse(entry: dict[str, Any] | None) -> str | None:
+    if entry is None:
+        return None
+    return f"{entry['ratio']:.3g} (exact)" if entry["exact"] else f"{entry['ratio']:.3g} +- {entry['se']:.2g} (MC)"
 
 
-def mse_ratios(path: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Monte-Carlo MSE / MeZO's exact MSE of each variant's estimator on one SST-2 batch at the
-    pretrained weights (a secondary figure: variants are chosen by stability), where measured."""
+def mse_ratios(path: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """MSE / MeZO's of each variant's estimator on one SST-2 batch at the pretrained weights (a
+    secondary figure: variants are chosen by stability), where measured: the exact formula where
+    it applies (Horvitz-Thompson with Gaussian z), else the Monte-Carlo mean with its standard error."""
     if not path.exists():
         return {}
     measured = {m["name"]: m for m in json.loads(path.read_text())["methods"] if m.get("mc_mse_ratio") is not None}
-    wanted = {name: VARIANTS[name].mse_method for name in names}
-    return {name: {"ratio": measured[m]["mc_mse_ratio"], "se": measured[m]["mc_mse_ratio_se"], "method": m}
-            for name, m in wanted.items() if m in measured}
+    out = {}
+    for name in names:
+        m = measured.get(VARIANTS[name].mse_method or "")
+        if m is not None:
+            exact = m.get("formula_mse_ratio") is not None
+            out[name] = {"method": m["name"], "exact": exact, "se": None if exact else m["mc_mse_ratio_se"],
+                         "ratio": m["formula_mse_ratio"] if exact else m["mc_mse_ratio"]}
+    return out
 
 
 def _baseline(name: str) -> str:
