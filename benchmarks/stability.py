@@ -189,10 +189,10 @@ def search(task: Task, name: str, base: Sequence[float], out: Path, data_dir: st
             break  # the edge is found: a stable run next to an unstable one
         direction = step
         index += step
-    ceiling = min((i for i, r in runs.items() if not r["stable"]), default=len(GRID))
-    below = [i for i, r in runs.items() if r["stable"] and i < ceiling]
-    if below and max(below) > 0 and max(below) - 1 not in runs:
-        run(max(below) - 1)
+    largest = summarize([runs[i] for i in sorted(runs)])["largest_stable_lr"]
+    below = GRID.index(largest) - 1 if largest is not None else -1  # run lrs are GRID values, read back exactly
+    if below >= 0 and below not in runs:
+        run(below)
     return [runs[i] for i in sorted(runs)]
 
 
@@ -240,7 +240,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def _minus_mezo(entry: dict[str, Any], name: str) -> float | None:
-    """The variant's loss figure minus MeZO's (in the variant's lr units) on one seed's batches."""
+    """The variant's loss figure minus plain MeZO's on one seed's batches (losses compare across lr units)."""
     s, peer = entry["variants"][name], entry["variants"].get("mezo", {})
     return s["best_tail_loss"] - peer["best_tail_loss"] if s["best_tail_loss"] and peer.get("best_tail_loss") else None
 
