@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for the model (or adapter) and tokenizer")
     bench = sub.add_parser("bench", help="run (resumably) and aggregate an accuracy grid")
     bench.add_argument("--grid", default="benchmarks/grids/cpu.yaml", help="grid YAML (default: %(default)s)")
-    bench.add_argument("--profile", help="profile of the grid: quick | cpu | paper (default: the grid's)")
+    bench.add_argument("--profile", help="profile of the grid (its `profiles:` keys; default: the grid's `default_profile`)")
     bench.add_argument("--out", help="results folder (default: the profile's `out`)")
     bench.add_argument("--only", metavar="KEY=V,...", help="restrict to task=, method=, mode=, seed=, lr= values")
     bench.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
