@@ -26,7 +26,8 @@ def write_grid(tmp_path: Path, **values) -> Path:
 
 
 # ---------------------------------------------------------------------- the grid file
-@pytest.mark.parametrize(("profile", "runs", "tasks"), [("quick", 6, 2), ("cpu", 72, 4), ("paper", None, 11)])
+@pytest.mark.parametrize(("profile", "runs", "tasks"), [("quick", 6, 2), ("cpu", 72, 4), ("paper", None, 11),
+                                                       ("long", 80, 4), ("paper-1b", 64, 4)])
 def test_shipped_grid_profiles_are_valid(profile, runs, tasks):
     grid = load_grid(SHIPPED, profile)
     assert len(grid.tasks) == tasks and {"mezo", "curvzo", "curvzo-ref"} <= {s.label for s in grid.methods}
@@ -56,6 +57,7 @@ BAD_GRIDS = [
     ({"steps": 0}, r"methods.mezo \(full\): `steps` must be an integer >= 1"),
     ({"methods": {}}, r"`methods` must be a non-empty mapping"),
     ({"out": None}, r"no results folder: set `out` in the grid or pass one"),
+    ({"reuse": ["no/such/folder"]}, r"`reuse` folder\(s\) not found: no/such/folder"),
 ]
 
 
@@ -78,6 +80,14 @@ def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_grid(path)
     assert all(s in str(info.value) for s in ("colour", "qlora", "repeats"))
+
+
+def test_a_profile_undoes_a_method_subset_with_null(tmp_path):
+    base = {"mezo": {"lr": {"full": [1e-3]}, "tasks": ["sst2"]}}
+    path = write_grid(tmp_path, tasks=["sst2", "mr"], methods=base,
+                      profiles={"all": {"methods": {"mezo": {"tasks": None}}}})
+    assert load_grid(path).methods[0].tasks == ("sst2",)
+    assert load_grid(path, "all").methods[0].tasks == ("sst2", "mr")
 
 
 def test_profile_errors(tmp_path):
@@ -292,6 +302,30 @@ def test_a_finished_grid_is_skipped_when_run_again(tiny_dir, data_dir, tmp_path,
     report = run_bench(grid, log=lambda line: None)
     assert report.executed == [] and report.skipped == 3 and report.failed == []
     assert {p: p.stat().st_mtime_ns for p in finished} == stamps
+
+
+def test_reuse_reads_finished_runs_of_the_same_config_from_another_results_folder(tiny_dir, data_dir, tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    source = load_grid(tiny_grid(first, tiny_dir, data_dir, pack=True, zero_shot=False,
+                                 methods={"mezo": {"lr": {"full": [1e-3]}}}))
+    run_bench(source, log=lambda line: None)
+    archive = (source.out / "runs.tar.gz").read_bytes()
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, reuse=[str(source.out)], zero_shot=False,
+                               methods={"mezo": {"lr": {"full": [1e-3, 2e-3]}}}))
+    lines: list[str] = []
+    report = run_bench(grid, dry_run=True, log=lines.append)
+    assert f"  done    sst2/mezo-full-lr1e-3-s0 (from {source.out})" in lines
+    assert "  pending sst2/mezo-full-lr2e-3-s0" in lines
+    report = run_bench(grid, log=lambda line: None)
+    assert report.executed == ["sst2/mezo-full-lr2e-3-s0"] and report.skipped == 1
+    assert not (grid.out / "runs" / "sst2" / "mezo-full-lr1e-3-s0").exists()
+    assert (source.out / "runs.tar.gz").read_bytes() == archive  # read, never written
+    used = json.loads((grid.out / "accuracy.json").read_text())["runs"]
+    assert {r["lr"]: Path(r["path"]).parents[2] for r in used} == {1e-3: source.out, 2e-3: grid.out}
+    other = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, reuse=[str(source.out)], zero_shot=False, steps=2,
+                                methods={"mezo": {"lr": {"full": [1e-3]}}}))
+    assert not plan(other)[0][0].reused  # another config: run here, not read from there
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_dir, data_dir, tmp_path, monkeypatch):

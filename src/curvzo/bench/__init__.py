@@ -60,10 +60,11 @@ def run_bench(
             f"{len(todo)} to run; {waiting} wait for an lr selection")
         if dry_run:
             for run in chosen:
-                log(f"  {'done   ' if run.done else 'resume ' if run.resumable else 'pending'} {run.name}")
+                origin = f" (from {run.path.parents[2]})" if run.reused else ""
+                log(f"  {'done   ' if run.done else 'resume ' if run.resumable else 'pending'} {run.name}{origin}")
             return report
         for run in chosen:
-            if run.done and not grid.keep_weights:
+            if run.done and not grid.keep_weights and not run.reused:
                 drop_weights(run.path)
         schedule(grid, only, jobs, progress, report, log)
         _, report.waiting = plan(grid)

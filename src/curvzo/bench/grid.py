@@ -33,7 +33,7 @@ MODES = {("full" if peft == "none" else peft): peft for peft in PEFT_MODES}
 ZERO_SHOT = "zero-shot"
 
 _GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights", "pack",
-              "compare", "out", "model", "data_dir"}
+              "compare", "out", "model", "data_dir", "reuse"}
 _TOP_ONLY = {"profiles", "default_profile"}
 _METHOD_KEYS = {"method", "lr", "tasks", "modes", "eps", "set"}
 # TrainConfig fields the grid sets per run: not allowed as settings or in a method's `set`.
@@ -80,6 +80,7 @@ class Grid:
     pack: bool = False  # move finished runs' records into <out>/runs.tar.gz after each `run_bench`
     compare: tuple[str, str] = ("curvzo", "mezo")  # (method, baseline) labels of the summary
     base_out: Path | None = None  # the grid file's top-level `out`; a report's command names any other
+    reuse: tuple[Path, ...] = ()  # other results folders whose finished runs of the same config count here
 
     def selection_seeds(self, lrs: tuple[float, ...]) -> tuple[int, ...]:
         return self.select_seeds if len(lrs) > 1 else self.seeds
@@ -203,6 +204,7 @@ def _build_grid(
     )
     if out is None and v.get("out") is None:
         problems.append("no results folder: set `out` in the grid or pass one (curvzo bench --out)")
+    reuse = _reuse_folders(v.get("reuse"), problems)
     if problems:
         return None
     grid = Grid(
@@ -211,7 +213,7 @@ def _build_grid(
         tasks=tasks, modes=modes, seeds=seeds, select_seeds=select, methods=methods, settings=settings,
         zero_shot=v.get("zero_shot", True), keep_weights=v.get("keep_weights", False), pack=v.get("pack", False),
         compare=(compare.get("method", "curvzo"), compare.get("baseline", "mezo")),
-        base_out=None if base_out is None else Path(base_out),
+        base_out=None if base_out is None else Path(base_out), reuse=reuse,
     )
     for spec in methods:  # let TrainConfig validate the run settings, once per (method, mode)
         for mode in spec.modes:
@@ -238,8 +240,9 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
     if method not in METHODS:
         problems.append(f"`{where}`: method must be one of {', '.join(METHODS)}, got {method!r} "
                         "(set `method:` for a custom label)")
-    own_tasks = _str_list(entry["tasks"], f"{where}.tasks", problems) if "tasks" in entry else tasks
-    own_modes = _str_list(entry["modes"], f"{where}.modes", problems) if "modes" in entry else modes
+    # null (a profile undoing a base entry's subset) means all of the grid's tasks / modes
+    own_tasks = tasks if entry.get("tasks") is None else _str_list(entry["tasks"], f"{where}.tasks", problems)
+    own_modes = modes if entry.get("modes") is None else _str_list(entry["modes"], f"{where}.modes", problems)
     run_modes = tuple(m for m in modes if m in own_modes)
     lr_raw = entry.get("lr")
     lr: dict[str, tuple[float, ...]] = {}
@@ -271,6 +274,17 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
         return None
     return MethodSpec(label=label, method=method, lr=lr, eps=eps, tasks=tuple(t for t in tasks if t in own_tasks),
                       modes=run_modes, settings=dict(settings))
+
+
+def _reuse_folders(value: Any, problems: list[str]) -> tuple[Path, ...]:
+    """`reuse`: results folders of other profiles (a run there is read, never written)."""
+    if value is None:
+        return ()
+    folders = _str_list(value, "reuse", problems)
+    missing = [f for f in folders if not Path(f).is_dir()]
+    if missing:
+        problems.append(f"`reuse` folder(s) not found: {', '.join(missing)}")
+    return tuple(Path(f) for f in folders)
 
 
 def _str_list(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:

@@ -72,15 +72,41 @@ class Run:
     def results(self) -> dict[str, Any]:
         return json.loads(self.record("results.json") or b"")
 
+    @property
+    def reused(self) -> bool:
+        """Read from another profile's results folder (see ``Grid.reuse``), never written here."""
+        return self.path != Path(self.config.output_dir)
+
     def saved_config(self) -> TrainConfig | None:
         """The config the run was started with; None before it started."""
-        text = self.record("config.yaml")
-        return None if text is None else TrainConfig(**(yaml.safe_load(text) or {}))  # as RunDir.read_config
+        return _saved_config(self.path)
 
 
 def training_run(grid: Grid, task: str, spec: MethodSpec, mode: str, lr: float, seed: int) -> Run:
     path = grid.out / "runs" / task / run_folder_name(spec.label, mode, lr, seed)
-    return Run(task, spec.label, mode, lr, seed, path, run_config(grid, task, spec, mode, lr, seed, path))
+    config = run_config(grid, task, spec, mode, lr, seed, path)
+    return Run(task, spec.label, mode, lr, seed, _reused(grid, path, config) or path, config)
+
+
+def _reused(grid: Grid, path: Path, config: TrainConfig) -> Path | None:
+    """The same run finished in one of the grid's `reuse` folders, when this folder has not started it.
+
+    Identical configs give bit-identical runs, so such a run is read where it was made and its
+    records keep one owner. Zero-shot evaluations save no config to compare and are not reused.
+    """
+    if path.exists() or read_record(path, "config.yaml") is not None:
+        return None
+    for folder in grid.reuse:
+        other = folder / "runs" / path.parent.name / path.name
+        saved = _saved_config(other) if read_record(other, "results.json") is not None else None
+        if saved is not None and not saved.differences(config, _IGNORED_FOR_DONE):
+            return other
+    return None
+
+
+def _saved_config(path: Path) -> TrainConfig | None:
+    text = read_record(path, "config.yaml")
+    return None if text is None else TrainConfig(**(yaml.safe_load(text) or {}))  # as RunDir.read_config
 
 
 def zero_shot_run(grid: Grid, task: str, seed: int) -> Run:
