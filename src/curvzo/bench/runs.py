@@ -94,7 +94,7 @@ def _reused(grid: Grid, path: Path, config: TrainConfig) -> Path | None:
     Identical configs give bit-identical runs, so such a run is read where it was made and its
     records keep one owner. Zero-shot evaluations save no config to compare and are not reused.
     """
-    if path.exists() or read_record(path, "config.yaml") is not None:
+    if not grid.reuse or path.exists() or read_record(path, "config.yaml") is not None:
         return None
     for folder in grid.reuse:
         other = folder / "runs" / path.parent.name / path.name
