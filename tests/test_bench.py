@@ -281,6 +281,27 @@ def test_aggregate_writes_json_md_and_figures_from_a_partial_grid(tmp_path):
     assert {"accuracy_sst2.png", "forward_ratio.png"} <= {p.name for p in grid.out.glob("*.png")}
 
 
+def test_the_report_shows_the_majority_label_floor_of_each_seeds_draw(data_dir, tmp_path):
+    from curvzo.data import load_splits
+
+    grid = load_grid(write_grid(tmp_path, data_dir=str(data_dir), tasks=["boolq"], seeds=[0, 1],
+                                num_train=200, num_dev=50, num_test=100))
+    runs = {(r.label, r.seed): r for r in plan(grid)[0]}
+    fake_results(runs["mezo", 0].path, best_dev=0.7, test=0.70, evals=[(100, 0.7)])
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    expected = []
+    for seed in (0, 1):  # BoolQ's gold is its `label` field (1 = "Yes"); the train sample's majority answers all
+        splits = load_splits("boolq", data_dir=data_dir, num_train=200, num_dev=50, num_test=100, seed=seed)
+        labels = [d["label"] for d in splits.train]
+        constant = max((0, 1), key=lambda v: (labels.count(v), -v))
+        expected.append(sum(d["label"] == constant for d in splits.test) / 100)
+    floor = json.loads((grid.out / "accuracy.json").read_text())["tasks"][0]["majority"]
+    assert floor["tests"] == pytest.approx(expected) and floor["seeds"] == [0, 1]
+    assert 0.55 < floor["test_mean"] < 0.7  # BoolQ's validation split is 62% "yes"
+    spread = 100 * (expected[0] - expected[1]) / math.sqrt(2)
+    assert f"| majority label | – | {100 * sum(expected) / 2:.1f} ± {abs(spread):.1f} | " in (grid.out / "accuracy.md").read_text()
+
+
 # ---------------------------------------------------------------------- end to end on a tiny model
 def tiny_grid(tmp_path: Path, tiny_dir: Path, data_dir: Path, **values) -> Path:
     settings = {"model": str(tiny_dir), "data_dir": str(data_dir), "steps": 1, "batch_size": 4, "max_length": 64,

@@ -25,6 +25,7 @@ from curvzo.scoring import (
     full_logits_scores,
     generate_answers,
     lm_loss,
+    majority_accuracy,
     objective_value,
     project,
     squad_f1,
@@ -374,3 +375,13 @@ def test_objective_misuse_is_a_config_error(kind: str, batch_of: str, message: s
 def test_batch_to_moves_every_tensor() -> None:
     batch = encode(tokenizer(), SENTIMENT, max_length=64).to("cpu")
     assert batch.num_examples == 3 and batch.num_choices == 2 and batch.choice_ids is not None
+
+
+def test_majority_accuracy_answers_the_train_sets_most_frequent_gold_choice() -> None:
+    train = [Ex("a", ("no", "yes"), 1), Ex("b", ("no", "yes"), 1), Ex("c", ("no", "yes"), 0)]
+    evaluated = [Ex("d", ("no", "yes"), 0), Ex("e", ("no", "yes"), 1), Ex("f", ("no", "yes"), 1), Ex("g", ("no", "yes"), 1)]
+    assert majority_accuracy(train, evaluated) == 0.75
+    tied = [Ex("a", ("no", "yes"), 1), Ex("b", ("no", "yes"), 0)]
+    assert majority_accuracy(tied, evaluated) == 0.25  # a tie goes to the first choice
+    generation = [Ex("q", answers=("x",), target=-1)]
+    assert majority_accuracy(generation, generation) is None and majority_accuracy(train, []) is None

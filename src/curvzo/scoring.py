@@ -56,6 +56,7 @@ __all__ = [
     "classification_logits",
     "classification_loss",
     "accuracy",
+    "majority_accuracy",
     "full_logits_scores",
     "lm_loss",
     "generate_answers",
@@ -496,6 +497,21 @@ def accuracy(model: nn.Module, batch: Batch) -> float:
     with torch.no_grad():
         predicted = classification_logits(model, batch).argmax(-1)
     return (predicted == batch.targets).float().mean().item()
+
+
+def majority_accuracy(train: Sequence[ExampleLike], evaluated: Sequence[ExampleLike]) -> float | None:
+    """Accuracy on ``evaluated`` of always answering the choice most often gold in ``train``
+    (ties to the first choice); None for generation examples or an empty set.
+
+    It is what a model reaches by learning the label prior alone, the floor below which a trained
+    classifier has learned nothing about the inputs (BoolQ's "yes" is 62% of its validation split).
+    """
+    targets = [ex.target for ex in train if ex.choices]
+    if not targets or not evaluated or not all(ex.choices for ex in evaluated):
+        return None
+    counts = Counter(targets)
+    constant = min(counts, key=lambda target: (-counts[target], target))
+    return sum(ex.target == constant for ex in evaluated) / len(evaluated)
 
 
 def full_logits_scores(model: nn.Module, batch: Batch) -> Tensor:

@@ -12,6 +12,7 @@ import math
 import shutil
 import statistics
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from typing import Any
 from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
-from .runs import all_runs, training_run
+from .runs import all_runs, training_run, zero_shot_run
 from .store import RECORDS
 
-__all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "summarize", "win_tolerance"]
+__all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
 
 #: The project's targets for CurvZO against MeZO: points gained, share of tasks won, and forward
 #: passes to reach MeZO's final dev accuracy (reported next to the measured numbers).
@@ -186,6 +187,40 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
     }
 
 
+def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
+    """Dev and test accuracy of always answering the train set's most frequent gold choice, over the
+    grid's seeds (each seed draws its own splits): the label-prior floor a trained row should clear.
+
+    None for generation tasks, or when the task's data cannot be read here (an ``--aggregate-only``
+    away from the data): the table then shows no floor rather than failing.
+    """
+    from ..data import load_splits
+    from ..errors import CurvzoError, CurvzoWarning
+    from ..scoring import majority_accuracy
+    from ..tasks import get_task
+
+    config = get_task(task)
+    scores: dict[str, list[float]] = {"dev": [], "test": []}
+    for seed in grid.seeds:
+        cfg = zero_shot_run(grid, task, seed).config
+        try:
+            with warnings.catch_warnings():  # a short train split's size warning was given by the runs
+                warnings.simplefilter("ignore", CurvzoWarning)
+                splits = load_splits(config, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
+                                     num_test=cfg.num_test, seed=seed)
+        except CurvzoError:
+            return None
+        train = [config.render(doc) for doc in splits.train]
+        for part in ("dev", "test"):
+            score = majority_accuracy(train, [config.render(doc) for doc in getattr(splits, part)])
+            if score is None:
+                return None
+            scores[part].append(score)
+    return {"dev_mean": statistics.fmean(scores["dev"]), "test_mean": statistics.fmean(scores["test"]),
+            "test_std": statistics.stdev(scores["test"]) if len(scores["test"]) > 1 else 0.0,
+            "seeds": list(grid.seeds), "tests": scores["test"]}
+
+
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
     """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
     records, zero_shot, used = [], [], []
@@ -208,6 +243,8 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
                      zo_labels=[s.label for s in grid.methods if s.is_zo])
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
                            runs_diverged=sum(u["diverged"] for u in used))
+    for row in data["tasks"]:
+        row["majority"] = majority_baseline(grid, row["task"])
     out = grid.out
     figures = _figures(grid, data)
     document = {
@@ -281,12 +318,18 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
 
     zs = [r["zero_shot"] for r in rows]
     lines.append("| zero-shot | – | " + " | ".join(_pm(z, nseeds) for z in zs) + f" | {avg(zs)} |")
+    floors = [r.get("majority") for r in rows]
+    if any(floors):
+        lines.append("| majority label | – | " + " | ".join(_pm(f, nseeds) for f in floors) + f" | {avg(floors)} |")
     specs = sorted(grid.methods, key=lambda spec: spec.method in FO_METHODS)  # first-order rows last
     for spec in specs:
         for mode in spec.modes:
             cells = [r["methods"].get(spec.label, {}).get(mode) for r in rows]
             name = f"{spec.label} (first-order)" if spec.method in FO_METHODS else spec.label
             lines.append(f"| {name} | {mode} | " + " | ".join(_pm(c, nseeds) for c in cells) + f" | {avg(cells)} |")
+    if any(floors):
+        lines += ["", "Majority label: always the train sample's most frequent gold answer, scored on each seed's "
+                      "test draw; a row near it has learned the label prior rather than the task."]
     lines += ["", "Selected learning rates (dev):", "", head.replace(" avg |", ""), "|" + " --- |" * (len(tasks) + 2)]
     for spec in specs:
         for mode in spec.modes:
@@ -347,6 +390,9 @@ def _figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
                     xs, ys = zip(*cell["curve"])
                     ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, linestyle="-" if mode == "full" else "--",
                             label=f"{spec.label} {mode} (lr {format_lr(cell['lr'])}, n={len(cell['seeds'])})")
+        if row.get("majority"):
+            ax.axhline(100 * row["majority"]["dev_mean"], color="black", linewidth=0.8, linestyle="--",
+                       label="majority label (dev)")
         if row.get("baseline_final_dev") is not None:
             ax.axhline(100 * row["baseline_final_dev"], color="grey", linewidth=0.8, linestyle=":",
                        label=f"{summary['baseline']} final dev")
