@@ -167,7 +167,10 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
             continue
         diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
         se, tolerance = win_tolerance(ours, theirs)
-        outcome = "won" if diff > tolerance else "lost" if diff < -tolerance else "tie"
+        if min(len(ours["tests"]), len(theirs["tests"])) < 2:
+            outcome = "one seed"  # no spread to judge the difference against: neither won nor lost
+        else:
+            outcome = "won" if diff > tolerance else "lost" if diff < -tolerance else "tie"
         ratio = row.get("forward_ratio_to_baseline_final", {}).get(label, "n/a")
         per_task[row["task"]] = {"minus_baseline": diff, "standard_error": se, "tolerance": tolerance,
                                  "outcome": outcome, "won": outcome == "won", "forward_ratio": None if ratio == "n/a" else ratio,
@@ -344,7 +347,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"- **{s['method']} − {s['baseline']}** ({s['mode']}, mean over {s['tasks_total']} tasks): "
         f"{_fmt(s['curvzo_minus_mezo_mean'])} points; {s['method']} wins {s['tasks_won']}/{s['tasks_total']} tasks "
         f"and loses {s['tasks_lost']} beyond the tolerance (target: ≥ +{TARGETS['minus_baseline_points']} points and "
-        f"≥ {TARGETS['tasks_won_fraction']:.0%} of tasks won). A task counts only when the difference exceeds "
+        f"≥ {TARGETS['tasks_won_fraction']:.0%} of tasks won). A task counts only when both have two or more seeds and the difference exceeds "
         f"max({WIN_TOLERANCE['points']:g} point, {WIN_TOLERANCE['standard_errors']:g} standard errors over seeds); "
         f"per task (difference ± standard error, tolerance, outcome): {_outcomes(s['per_task']) or 'n/a'}.",
         f"- **Forward passes to reach {s['baseline']}'s final dev accuracy**, {s['method']} / {s['baseline']} "
