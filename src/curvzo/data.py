@@ -31,14 +31,17 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
 from curvzo.hub import hub_unreachable
 from curvzo.optim._validate import is_int
-from curvzo.tasks import Holdout, TaskConfig, get_task
+from curvzo.tasks import Example, Holdout, TaskConfig, get_task
 
-__all__ = ["MIN_DEV", "Splits", "load_splits"]
+if TYPE_CHECKING:
+    from curvzo.config import TrainConfig
+
+__all__ = ["MIN_DEV", "Splits", "load_run_examples", "load_splits"]
 
 MIN_DEV = 100
 """Smallest dev set kept when the train pool is short: MeZO's mezo.sh uses DEV=100 for CB and COPA."""
@@ -104,6 +107,14 @@ def load_splits(
     for rows in parts.values():
         _check_renders(config, rows)
     return Splits(**{part: [row.doc for row in rows] for part, rows in parts.items()})
+
+
+def load_run_examples(task: TaskConfig, cfg: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
+    """Rendered (train, dev, test) examples of a run of ``cfg``: the draw of its sizes and seed."""
+    splits = load_splits(task, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
+                         num_test=cfg.num_test, seed=cfg.seed)
+    train, dev, test = ([task.render(doc) for doc in docs] for docs in (splits.train, splits.dev, splits.test))
+    return train, dev, test
 
 
 def _fit(pool_size: int, num_train: int, num_dev: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import scoring
 from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
-from .data import load_splits
+from .data import load_run_examples
 from .errors import CheckpointError, ConfigError, RankFailed, RunInterrupted
 from .divergence import DivergenceGuard, lower_lr
 from .interrupt import StepGuard
@@ -288,11 +288,7 @@ def _say(progress: bool, text: str) -> None:
 def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torch.nn.Module, Any, list]:
     """Task, rendered (train, dev, test) examples, model with its adapter, tokenizer, trainables."""
     task = resolve_task(cfg.task)
-    splits = load_splits(
-        task, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
-        num_test=cfg.num_test, seed=cfg.seed,
-    )
-    sets = tuple([task.render(d) for d in docs] for docs in (splits.train, splits.dev, splits.test))
+    sets = load_run_examples(task, cfg)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     scoring.check_fits(model, cfg.max_length)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())

@@ -55,6 +55,11 @@ def forward_to_reach(curve: list[tuple[float, float]], target: float) -> float |
     return None
 
 
+def _sample_std(values: list[float]) -> float:
+    """Sample standard deviation over seeds; 0 for a single seed (shown as n=1, never judged on)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _mean_curve(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """Seed-averaged dev curve, zero-shot at 0 forward passes, over the evaluations all seeds have."""
     curves = [[(0, r["zero_shot"])] + [(e["forward_passes"], e["dev"]) for e in r.get("evals", [])] for r in results]
@@ -76,7 +81,7 @@ def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
     curve = _mean_curve(chosen)
     return {
         "lr": best, "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
-        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(by_lr[best]),
+        "test_std": _sample_std(tests), "seeds": sorted(by_lr[best]),
         "tests": tests, "forward_passes": curve[-1][0] if curve else None, "curve": [list(p) for p in curve],
         "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr]}
                           for lr in sorted(by_lr)],
@@ -116,7 +121,7 @@ def summarize(
             tests = [z["test"] for z in zs]
             row["zero_shot"] = {
                 "dev_mean": statistics.fmean(z["dev"] for z in zs), "test_mean": statistics.fmean(tests),
-                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(z["seed"] for z in zs),
+                "test_std": _sample_std(tests), "seeds": sorted(z["seed"] for z in zs),
             }
         base = cells.get(baseline, {}).get(mode)
         if base and base["curve"]:
@@ -197,7 +202,7 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
     None for generation tasks, or when the task's data cannot be read here (an ``--aggregate-only``
     away from the data): the table then shows no floor rather than failing.
     """
-    from ..data import load_splits
+    from ..data import load_run_examples
     from ..errors import CurvzoError, CurvzoWarning
     from ..scoring import majority_accuracy
     from ..tasks import get_task
@@ -205,23 +210,19 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
     config = get_task(task)
     scores: dict[str, list[float]] = {"dev": [], "test": []}
     for seed in grid.seeds:
-        cfg = zero_shot_run(grid, task, seed).config
         try:
             with warnings.catch_warnings():  # a short train split's size warning was given by the runs
                 warnings.simplefilter("ignore", CurvzoWarning)
-                splits = load_splits(config, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
-                                     num_test=cfg.num_test, seed=seed)
+                train, dev, test = load_run_examples(config, zero_shot_run(grid, task, seed).config)
         except CurvzoError:
             return None
-        train = [config.render(doc) for doc in splits.train]
-        for part in ("dev", "test"):
-            score = majority_accuracy(train, [config.render(doc) for doc in getattr(splits, part)])
+        for part, examples in (("dev", dev), ("test", test)):
+            score = majority_accuracy(train, examples)
             if score is None:
                 return None
             scores[part].append(score)
     return {"dev_mean": statistics.fmean(scores["dev"]), "test_mean": statistics.fmean(scores["test"]),
-            "test_std": statistics.stdev(scores["test"]) if len(scores["test"]) > 1 else 0.0,
-            "seeds": list(grid.seeds), "tests": scores["test"]}
+            "test_std": _sample_std(scores["test"]), "seeds": list(grid.seeds), "tests": scores["test"]}
 
 
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
