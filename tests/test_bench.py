@@ -27,7 +27,7 @@ def write_grid(tmp_path: Path, **values) -> Path:
 
 # ---------------------------------------------------------------------- the grid file
 @pytest.mark.parametrize(("profile", "runs", "tasks"), [("quick", 6, 2), ("cpu", 72, 4), ("paper", None, 11),
-                                                       ("long", 96, 4), ("paper-1b", 64, 4)])
+                                                       ("long", 112, 4), ("paper-1b", 64, 4)])
 def test_shipped_grid_profiles_are_valid(profile, runs, tasks):
     grid = load_grid(SHIPPED, profile)
     assert len(grid.tasks) == tasks and {"mezo", "curvzo", "curvzo-ref"} <= {s.label for s in grid.methods}
