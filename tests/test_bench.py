@@ -282,6 +282,30 @@ def test_aggregate_writes_json_md_and_figures_from_a_partial_grid(tmp_path):
     assert {"accuracy_sst2.png", "forward_ratio.png"} <= {p.name for p in grid.out.glob("*.png")}
 
 
+def test_a_cell_with_an_unfinished_lr_sweep_is_shown_but_never_compared(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1], select_seeds=[0], zero_shot=False,
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo": {"lr": {"full": [1e-5, 1e-4]}}}))
+    runs = {(r.label, r.lr): r for r in plan(grid)[0]}
+    fake_results(runs["mezo", 1e-5].path, best_dev=0.7, test=0.70, evals=[(100, 0.7)])
+    fake_results(runs["mezo", 1e-4].path, best_dev=0.6, test=0.60, evals=[(100, 0.6)])
+    fake_results(runs["curvzo", 1e-4].path, best_dev=0.9, test=0.90, evals=[(100, 0.9)], method="curvzo")
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    doc = json.loads((grid.out / "accuracy.json").read_text())
+    cells = doc["tasks"][0]["methods"]
+    assert cells["mezo"]["full"]["sweep_finished"] and not cells["curvzo"]["full"]["sweep_finished"]
+    s = doc["summary"]  # curvzo's 1e-4 is only the best of what finished: +20 points on it would be no result
+    assert s["tasks_total"] == 0 and s["curvzo_minus_mezo_mean"] is None and s["per_task"] == {}
+    assert s["methods"] == {"curvzo": s["methods"]["curvzo"]} and s["methods"]["curvzo"]["tasks_total"] == 0
+    assert doc["tasks"][0]["forward_to_baseline_final"] == {"mezo": 100.0}
+    md = (grid.out / "accuracy.md").read_text()
+    assert "| curvzo | full | 90.0 (n=1)† | – |" in md and "| curvzo | full | 1e-4† |" in md
+    assert "| mezo | full | 70.0 (n=1) | 70.0 |" in md and "† lr sweep unfinished" in md  # curvzo: no average
+    fake_results(runs["curvzo", 1e-5].path, best_dev=0.5, test=0.50, evals=[(100, 0.5)], method="curvzo")
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    s = json.loads((grid.out / "accuracy.json").read_text())["summary"]
+    assert s["tasks_total"] == 1 and s["curvzo_minus_mezo_mean"] == pytest.approx(20.0)
+
+
 def test_the_report_shows_the_majority_label_floor_of_each_seeds_draw(data_dir, tmp_path):
     from curvzo.data import load_splits
 

@@ -3,7 +3,9 @@
 Learning rates are selected on dev: per (task, method, mode) the lr with the best mean dev
 accuracy (each run's best dev, the weights its test score comes from) over the seeds that every
 lr has, ties to the smaller lr. Differences are in points (100 x metric); the forward ratio
-compares seed-averaged dev curves of the selected lrs. A partial grid aggregates what is finished.
+compares seed-averaged dev curves of the selected lrs. A partial grid aggregates what is finished;
+a cell whose lr sweep is unfinished shows its best finished lr, which is not yet a selection, so
+it stays out of every comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
-from .runs import all_runs, training_run, zero_shot_run
+from .runs import all_runs, sweep, training_run, zero_shot_run
 from .store import RECORDS
 
 __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
@@ -33,6 +35,9 @@ TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_rat
 #: and a multiple of its standard error over seeds, sqrt(sd_a^2 / n_a + sd_b^2 / n_b): a difference
 #: within seed noise is a tie, whatever its sign.
 WIN_TOLERANCE = {"points": 1.0, "standard_errors": 2.0}
+
+#: Marks a cell whose lr sweep is unfinished: its lr is the best finished one, not a selection.
+UNSWEPT = "†"
 
 
 def win_tolerance(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float, float]:
@@ -97,14 +102,18 @@ def summarize(
     baseline: str = "mezo",
     mode: str = "full",
     zo_labels: Iterable[str] | None = None,
+    unfinished_sweeps: Iterable[tuple[str, str, str]] = (),
 ) -> dict[str, Any]:
     """Per-task rows and the summary, from finished runs.
 
     ``records``: ``{"task", "label", "mode", "lr", "seed", "results"}`` with ``results`` a run's
     results.json; ``zero_shot``: ``{"task", "seed", "results"}``. Differences are in points
     (100 x metric); the forward ratio compares seed-averaged dev curves of the selected lrs.
+    ``unfinished_sweeps``: the (task, label, mode) cells whose lr sweep has runs still to finish;
+    they are shown (``sweep_finished`` false) but neither compared nor compared against.
     """
     zo = set(zo_labels) if zo_labels is not None else {r["label"] for r in records if r["results"]["method"] in ZO_METHODS}
+    unfinished = set(unfinished_sweeps)
     rows = []
     for task in tasks:
         cells: dict[str, dict[str, dict]] = {}
@@ -113,7 +122,7 @@ def summarize(
             if rec["task"] == task:
                 grouped.setdefault((rec["label"], rec["mode"]), []).append(rec)
         for (label, m), recs in grouped.items():
-            cells.setdefault(label, {})[m] = _cell(recs)
+            cells.setdefault(label, {})[m] = {**_cell(recs), "sweep_finished": (task, label, m) not in unfinished}
         zs = [{**z["results"], "seed": z["seed"]} for z in zero_shot if z["task"] == task]
         metric = next((r["results"]["metric"] for r in records if r["task"] == task), zs[0]["metric"] if zs else None)
         row: dict[str, Any] = {"task": task, "metric": metric, "methods": cells, "zero_shot": None}
@@ -124,7 +133,7 @@ def summarize(
                 "test_std": _sample_std(tests), "seeds": sorted(z["seed"] for z in zs),
             }
         base = cells.get(baseline, {}).get(mode)
-        if base and base["curve"]:
+        if _selected(base) and base["curve"]:
             target, budget = base["curve"][-1][1], base["curve"][-1][0]
             row["baseline_final_dev"], row["baseline_forward_passes"] = target, budget
             row["baseline_improved"] = target > base["curve"][0][1]
@@ -134,7 +143,7 @@ def summarize(
             # budget: a baseline curve that peaks early would otherwise make anyone look faster.
             own = forward_to_reach([tuple(p) for p in base["curve"]], target)
             for label, by_mode in cells.items():
-                if label in zo and mode in by_mode and by_mode[mode]["curve"]:
+                if label in zo and _selected(by_mode.get(mode)) and by_mode[mode]["curve"]:
                     reach = forward_to_reach([tuple(p) for p in by_mode[mode]["curve"]], target)
                     row["forward_to_baseline_final"][label] = reach
                     if row["baseline_improved"]:
@@ -163,12 +172,17 @@ def summarize(
     return {"summary": summary, "tasks": rows}
 
 
+def _selected(cell: dict[str, Any] | None) -> bool:
+    """Whether a cell holds a dev selection, that is a finished lr sweep, to compare."""
+    return bool(cell) and cell["sweep_finished"]
+
+
 def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str, Any]:
     """``label`` against ``baseline`` in ``mode``, over the tasks where both have results."""
     per_task, diffs, ratios = {}, [], []
     for row in rows:
         ours, theirs = row["methods"].get(label, {}).get(mode), row["methods"].get(baseline, {}).get(mode)
-        if not ours or not theirs:
+        if not (_selected(ours) and _selected(theirs)):
             continue
         diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
         se, tolerance = win_tolerance(ours, theirs)
@@ -242,9 +256,11 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
                      "forward_passes": results["forward_passes"], "wall_time_s": results.get("wall_time_s"),
                      "diverged": bool(results.get("diverged"))})
     method, baseline = grid.compare
+    unfinished = [(task, spec.label, mode) for task, spec, mode in grid.cells()
+                  if len(spec.lr[mode]) > 1 and not all(run.done for run in sweep(grid, task, spec, mode))]
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
-                     zo_labels=[s.label for s in grid.methods if s.is_zo])
+                     zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished)
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
                            runs_diverged=sum(u["diverged"] for u in used))
     for row in data["tasks"]:
@@ -298,7 +314,14 @@ def _pm(cell: dict[str, Any] | None, seeds: int) -> str:
         return "–"
     n = len(cell["seeds"])
     spread = f" ± {100 * cell['test_std']:.1f}" if n > 1 else ""
-    return f"{100 * cell['test_mean']:.1f}{spread}" + ("" if n == seeds else f" (n={n})")
+    mark = "" if cell.get("sweep_finished", True) else UNSWEPT
+    return f"{100 * cell['test_mean']:.1f}{spread}" + ("" if n == seeds else f" (n={n})") + mark
+
+
+def _lr_text(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "–"
+    return format_lr(cell["lr"]) + ("" if cell["sweep_finished"] else UNSWEPT)
 
 
 def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
@@ -318,7 +341,8 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     ]
 
     def avg(cells: list[dict | None]) -> str:
-        return f"{100 * statistics.fmean(c['test_mean'] for c in cells):.1f}" if cells and all(cells) else "–"
+        complete = cells and all(c and c.get("sweep_finished", True) for c in cells)
+        return f"{100 * statistics.fmean(c['test_mean'] for c in cells):.1f}" if complete else "–"
 
     zs = [r["zero_shot"] for r in rows]
     lines.append("| zero-shot | – | " + " | ".join(_pm(z, nseeds) for z in zs) + f" | {avg(zs)} |")
@@ -338,7 +362,10 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     for spec in specs:
         for mode in spec.modes:
             cells = [r["methods"].get(spec.label, {}).get(mode) for r in rows]
-            lines.append(f"| {spec.label} | {mode} | " + " | ".join(format_lr(c["lr"]) if c else "–" for c in cells) + " |")
+            lines.append(f"| {spec.label} | {mode} | " + " | ".join(_lr_text(c) for c in cells) + " |")
+    if any(not c["sweep_finished"] for r in rows for by_mode in r["methods"].values() for c in by_mode.values()):
+        lines += ["", f"{UNSWEPT} lr sweep unfinished on the selection seeds: the best finished lr, not yet a dev "
+                      "selection; left out of the averages and of every comparison below."]
     per_task = ", ".join(
         f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"
         + (f" ({s['baseline']} did not improve on zero-shot)" if v["baseline_improved"] is False else "")
@@ -357,7 +384,9 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
     ]
     for label, v in s["methods"].items():
-        if label != s["method"]:
+        if label != s["method"] and not v["tasks_total"]:
+            lines.append(f"- {label} − {s['baseline']}: no task to compare yet.")
+        elif label != s["method"]:
             lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
                          f"{v['tasks_won']}/{v['tasks_total']} ({_outcomes(v['per_task'])}), forward ratio median "
                          f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")
@@ -393,7 +422,7 @@ def _figures(grid: Grid, data: dict[str, Any]) -> list[Path]:
                 if cell and cell["curve"]:
                     xs, ys = zip(*cell["curve"])
                     ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, linestyle="-" if mode == "full" else "--",
-                            label=f"{spec.label} {mode} (lr {format_lr(cell['lr'])}, n={len(cell['seeds'])})")
+                            label=f"{spec.label} {mode} (lr {_lr_text(cell)}, n={len(cell['seeds'])})")
         if row.get("majority"):
             ax.axhline(100 * row["majority"]["dev_mean"], color="black", linewidth=0.8, linestyle="--",
                        label="majority label (dev)")

@@ -28,7 +28,7 @@ from .grid import ZERO_SHOT, Grid, MethodSpec, run_config, run_folder_name, sele
 from .store import read_record
 
 __all__ = [
-    "Report", "Run", "all_runs", "check_existing", "drop_weights", "execute", "plan", "schedule", "selected",
+    "Report", "Run", "all_runs", "check_existing", "drop_weights", "execute", "plan", "schedule", "selected", "sweep",
     "training_run", "zero_shot_run",
 ]
 
@@ -140,7 +140,7 @@ def plan(grid: Grid) -> tuple[list[Run], int]:
         for _, spec, mode in (c for c in grid.cells() if c[0] == task):
             lrs = spec.lr[mode]
             chosen = grid.selection_seeds(lrs)
-            first = [training_run(grid, task, spec, mode, lr, s) for lr in lrs for s in chosen]
+            first = sweep(grid, task, spec, mode)
             runs += first
             rest = [s for s in grid.seeds if s not in chosen]
             if not rest:
@@ -151,6 +151,13 @@ def plan(grid: Grid) -> tuple[list[Run], int]:
             else:
                 waiting += len(rest)
     return runs, waiting
+
+
+def sweep(grid: Grid, task: str, spec: MethodSpec, mode: str) -> list[Run]:
+    """One (task, method, mode)'s lr sweep: every lr on the selection seeds. Its dev selection
+    exists only once all of them are finished."""
+    lrs = spec.lr[mode]
+    return [training_run(grid, task, spec, mode, lr, s) for lr in lrs for s in grid.selection_seeds(lrs)]
 
 
 def selected(run: Run, only: dict[str, set]) -> bool:
