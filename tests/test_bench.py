@@ -385,8 +385,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_dir, data_dir, tmp_
     calls = []
     real = curvzo.finetune.train
     monkeypatch.setattr(curvzo.finetune, "train", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
-    report = run_bench(grid, only=parse_only("method=mezo", grid), log=lambda line: None)
+    lines: list[str] = []
+    report = run_bench(grid, only=parse_only("method=mezo", grid), log=lines.append)
     assert calls == [{"resume": True, "overwrite": False, "progress": True}] and report.executed == [run.name]
+    assert "selected now 1: 0 finished, 1 to resume, 0 to start;" in lines[0]
     assert json.loads((run.path / "results.json").read_text())["steps"] == 2
 
 

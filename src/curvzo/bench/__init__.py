@@ -54,10 +54,11 @@ def run_bench(
         chosen = [r for r in runs if selected(r, only)]
         report.skipped = sum(r.done for r in chosen)
         todo = [r for r in chosen if not r.done]
+        resumable = sum(r.resumable for r in todo)
         log(f"grid {grid.path} (profile {grid.profile}): {grid.expected_runs()} training runs in all "
             f"(+{len(grid.tasks) * len(grid.seeds) if grid.zero_shot else 0} zero-shot evaluations); "
-            f"selected now {len(chosen)}: {report.skipped} finished, {sum(r.resumable for r in todo)} to resume, "
-            f"{len(todo)} to run; {waiting} wait for an lr selection")
+            f"selected now {len(chosen)}: {report.skipped} finished, {resumable} to resume, "
+            f"{len(todo) - resumable} to start; {waiting} wait for an lr selection")
         if dry_run:
             for run in chosen:
                 origin = f" (from {run.path.parents[2]})" if run.reused else ""
