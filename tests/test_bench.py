@@ -392,6 +392,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_dir, data_dir, tmp_
     assert json.loads((run.path / "results.json").read_text())["steps"] == 2
 
 
+def test_ctrl_c_during_a_grid_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import curvzo.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(curvzo.bench, "schedule", interrupted)
+    assert main(["bench", "--grid", str(write_grid(tmp_path)), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curvzo: interrupted: ") and "resumes the grid" in err
+
+
 def test_a_diverged_run_is_a_result_scored_from_its_best_weights(tiny_dir, data_dir, tmp_path, monkeypatch):
     import curvzo.finetune
     from curvzo.errors import TrainingDiverged

@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"curvzo: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C: one line (a run says how to resume), no traceback
-        print(f"curvzo: {err or 'interrupted'}", file=sys.stderr)
+        print(f"curvzo: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `curvzo bench --dry-run | head`: the reader left early. Point stdout at /dev/null so that

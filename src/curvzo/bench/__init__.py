@@ -67,7 +67,11 @@ def run_bench(
         for run in chosen:
             if run.done and not grid.keep_weights and not run.reused:
                 drop_weights(run.path)
-        schedule(grid, only, jobs, progress, report, log)
+        try:
+            schedule(grid, only, jobs, progress, report, log)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted: finished runs are kept and unfinished ones have their last "
+                                    "checkpoint; the same `curvzo bench` command resumes the grid") from None
         _, report.waiting = plan(grid)
         if grid.pack and (packed := pack(grid.out)):
             log(f"packed {len(packed)} finished run(s) into {grid.out / ARCHIVE}")
