@@ -22,7 +22,7 @@ from typing import Any
 from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
-from .runs import all_runs, sweep, training_run, zero_shot_run
+from .runs import all_runs, selection, training_run, zero_shot_run
 from .store import RECORDS
 
 __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
@@ -133,7 +133,7 @@ def summarize(
                 "test_std": _sample_std(tests), "seeds": sorted(z["seed"] for z in zs),
             }
         base = cells.get(baseline, {}).get(mode)
-        if _selected(base) and base["curve"]:
+        if _comparable(base) and base["curve"]:
             target, budget = base["curve"][-1][1], base["curve"][-1][0]
             row["baseline_final_dev"], row["baseline_forward_passes"] = target, budget
             row["baseline_improved"] = target > base["curve"][0][1]
@@ -143,7 +143,7 @@ def summarize(
             # budget: a baseline curve that peaks early would otherwise make anyone look faster.
             own = forward_to_reach([tuple(p) for p in base["curve"]], target)
             for label, by_mode in cells.items():
-                if label in zo and _selected(by_mode.get(mode)) and by_mode[mode]["curve"]:
+                if label in zo and _comparable(by_mode.get(mode)) and by_mode[mode]["curve"]:
                     reach = forward_to_reach([tuple(p) for p in by_mode[mode]["curve"]], target)
                     row["forward_to_baseline_final"][label] = reach
                     if row["baseline_improved"]:
@@ -172,7 +172,7 @@ def summarize(
     return {"summary": summary, "tasks": rows}
 
 
-def _selected(cell: dict[str, Any] | None) -> bool:
+def _comparable(cell: dict[str, Any] | None) -> bool:
     """Whether a cell holds a dev selection, that is a finished lr sweep, to compare."""
     return bool(cell) and cell["sweep_finished"]
 
@@ -182,7 +182,7 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
     per_task, diffs, ratios = {}, [], []
     for row in rows:
         ours, theirs = row["methods"].get(label, {}).get(mode), row["methods"].get(baseline, {}).get(mode)
-        if not (_selected(ours) and _selected(theirs)):
+        if not (_comparable(ours) and _comparable(theirs)):
             continue
         diff = 100.0 * (ours["test_mean"] - theirs["test_mean"])
         se, tolerance = win_tolerance(ours, theirs)
@@ -257,7 +257,7 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
                      "diverged": bool(results.get("diverged"))})
     method, baseline = grid.compare
     unfinished = [(task, spec.label, mode) for task, spec, mode in grid.cells()
-                  if len(spec.lr[mode]) > 1 and not all(run.done for run in sweep(grid, task, spec, mode))]
+                  if selection(grid, task, spec, mode) is None]
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
                      zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished)
@@ -384,9 +384,11 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
     ]
     for label, v in s["methods"].items():
-        if label != s["method"] and not v["tasks_total"]:
+        if label == s["method"]:
+            continue
+        if not v["tasks_total"]:
             lines.append(f"- {label} − {s['baseline']}: no task to compare yet.")
-        elif label != s["method"]:
+        else:
             lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
                          f"{v['tasks_won']}/{v['tasks_total']} ({_outcomes(v['per_task'])}), forward ratio median "
                          f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")

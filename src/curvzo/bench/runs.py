@@ -28,7 +28,7 @@ from .grid import ZERO_SHOT, Grid, MethodSpec, run_config, run_folder_name, sele
 from .store import read_record
 
 __all__ = [
-    "Report", "Run", "all_runs", "check_existing", "drop_weights", "execute", "plan", "schedule", "selected", "sweep",
+    "Report", "Run", "all_runs", "check_existing", "drop_weights", "execute", "plan", "schedule", "selected", "selection", "sweep",
     "training_run", "zero_shot_run",
 ]
 
@@ -138,18 +138,15 @@ def plan(grid: Grid) -> tuple[list[Run], int]:
         if grid.zero_shot:
             runs += [zero_shot_run(grid, task, s) for s in grid.seeds]
         for _, spec, mode in (c for c in grid.cells() if c[0] == task):
-            lrs = spec.lr[mode]
-            chosen = grid.selection_seeds(lrs)
-            first = sweep(grid, task, spec, mode)
-            runs += first
-            rest = [s for s in grid.seeds if s not in chosen]
+            runs += sweep(grid, task, spec, mode)
+            rest = [s for s in grid.seeds if s not in grid.selection_seeds(spec.lr[mode])]
             if not rest:
                 continue
-            if all(r.done for r in first):
-                best = select_lr({lr: [r.results()["best_dev"] for r in first if r.lr == lr] for lr in lrs})
-                runs += [training_run(grid, task, spec, mode, best, s) for s in rest]
-            else:
+            best = selection(grid, task, spec, mode)
+            if best is None:
                 waiting += len(rest)
+            else:
+                runs += [training_run(grid, task, spec, mode, best, s) for s in rest]
     return runs, waiting
 
 
@@ -158,6 +155,18 @@ def sweep(grid: Grid, task: str, spec: MethodSpec, mode: str) -> list[Run]:
     exists only once all of them are finished."""
     lrs = spec.lr[mode]
     return [training_run(grid, task, spec, mode, lr, s) for lr in lrs for s in grid.selection_seeds(lrs)]
+
+
+def selection(grid: Grid, task: str, spec: MethodSpec, mode: str) -> float | None:
+    """The dev-selected lr of one (task, method, mode) once its sweep is finished, else None; a
+    single lr is its own selection."""
+    lrs = spec.lr[mode]
+    if len(lrs) == 1:
+        return lrs[0]
+    first = sweep(grid, task, spec, mode)
+    if not all(r.done for r in first):
+        return None
+    return select_lr({lr: [r.results()["best_dev"] for r in first if r.lr == lr] for lr in lrs})
 
 
 def selected(run: Run, only: dict[str, set]) -> bool:
