@@ -68,3 +68,25 @@ def test_every_public_class_and_function_has_a_docstring(module: str) -> None:
     missing = [name for name, obj in objects.items()
                if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip()]
     assert not missing
+
+
+def test_the_readme_accuracy_block_is_its_accuracy_md_verbatim() -> None:
+    """README.md copies a profile's table and summary; `python -m benchmarks.readme` rewrites it."""
+    from benchmarks import readme
+
+    text = (REPO / "README.md").read_text()
+    assert readme.render(text) == text, "README.md's accuracy block is stale: run python -m benchmarks.readme"
+
+
+def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> None:
+    from benchmarks import readme
+
+    source = (REPO / "benchmarks" / "results" / "long" / "accuracy.md").read_text()
+    (tmp_path / "acc.md").write_text(source)
+    text = "intro\n<!-- accuracy:begin acc.md -->\nold table\n<!-- accuracy:end -->\noutro\n"
+    out = readme.render(text, root=tmp_path)
+    assert out.startswith("intro\n<!-- accuracy:begin acc.md -->\nRuns used: ") and out.endswith("<!-- accuracy:end -->\noutro\n")
+    assert "old table" not in out and "| curvzo | full |" in out and "- **curvzo − mezo**" in out
+    assert "Selected learning rates" not in out and "## Figures" not in out
+    with pytest.raises(ValueError, match="no <!-- accuracy:begin"):
+        readme.render("no markers here\n", root=tmp_path)
