@@ -122,12 +122,14 @@ def test_run_folder_names(tmp_path):
     assert runs[2].config.lr == 1e-5 and runs[2].config.seed == 0 and runs[2].config.output_dir == str(runs[2].path)
 
 
-def fake_results(path: Path, *, best_dev: float, test: float, evals=(), zero_shot: float = 0.5, method: str = "mezo") -> None:
+def fake_results(path: Path, *, best_dev: float, test: float, evals=(), zero_shot: float = 0.5, method: str = "mezo",
+                 diverged_at: int | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     evals = [{"step": i + 1, "forward_passes": fp, "dev": dev} for i, (fp, dev) in enumerate(evals)]
     (path / "results.json").write_text(json.dumps({
         "task": "sst2", "method": method, "metric": "accuracy", "zero_shot": zero_shot, "best_dev": best_dev,
-        "test": test, "forward_passes": evals[-1]["forward_passes"] if evals else 0, "evals": evals}))
+        "test": test, "forward_passes": evals[-1]["forward_passes"] if evals else 0, "evals": evals,
+        "steps": diverged_at or 10, "diverged": diverged_at and f"training diverged at step {diverged_at}"}))
 
 
 def test_select_seeds_runs_every_lr_on_seed_0_then_the_dev_selected_lr(tmp_path):
@@ -304,6 +306,23 @@ def test_a_cell_with_an_unfinished_lr_sweep_is_shown_but_never_compared(tmp_path
     run_bench(grid, aggregate_only=True, log=lambda line: None)
     s = json.loads((grid.out / "accuracy.json").read_text())["summary"]
     assert s["tasks_total"] == 1 and s["curvzo_minus_mezo_mean"] == pytest.approx(20.0)
+
+
+def test_the_sweep_table_shows_every_lr_tried_the_selection_and_where_runs_diverged(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1], select_seeds=[0], zero_shot=False,
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo": {"lr": {"full": [1e-4, 1e-3]}}}))
+    runs = {(r.label, r.lr): r for r in plan(grid)[0]}
+    fake_results(runs["mezo", 1e-5].path, best_dev=0.61, test=0.6, evals=[(100, 0.6)])
+    fake_results(runs["mezo", 1e-4].path, best_dev=0.72, test=0.7, evals=[(100, 0.7)], diverged_at=37)
+    fake_results(runs["curvzo", 1e-4].path, best_dev=0.55, test=0.5, evals=[(100, 0.5)], method="curvzo")
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    md = (grid.out / "accuracy.md").read_text()
+    assert "| task | method | mode | 1e-5 | 1e-4 | 1e-3 |" in md
+    assert "| sst2 | mezo | full | 0.61 | **0.72 (div. 37)** |  |" in md  # 1e-3 is not in mezo's grid
+    assert "| sst2 | curvzo | full |  | 0.55 | – |" in md  # its sweep is unfinished: nothing selected yet
+    fake_results(runs["curvzo", 1e-3].path, best_dev=0.4, test=0.4, evals=[(100, 0.4)], method="curvzo", diverged_at=5)
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    assert "| sst2 | curvzo | full |  | **0.55** | 0.40 (div. 5) |" in (grid.out / "accuracy.md").read_text()
 
 
 def test_the_report_shows_the_majority_label_floor_of_each_seeds_draw(data_dir, tmp_path):

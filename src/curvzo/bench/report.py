@@ -88,7 +88,8 @@ def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
         "lr": best, "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
         "test_std": _sample_std(tests), "seeds": sorted(by_lr[best]),
         "tests": tests, "forward_passes": curve[-1][0] if curve else None, "curve": [list(p) for p in curve],
-        "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr]}
+        "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr],
+                           "diverged_at": [by_lr[lr][s]["steps"] for s in on[lr] if by_lr[lr][s].get("diverged")]}
                           for lr in sorted(by_lr)],
     }
 
@@ -366,6 +367,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     if any(not c["sweep_finished"] for r in rows for by_mode in r["methods"].values() for c in by_mode.values()):
         lines += ["", f"{UNSWEPT} lr sweep unfinished on the selection seeds: the best finished lr, not yet a dev "
                       "selection; left out of the averages and of every comparison below."]
+    lines += _sweep_table(grid, rows)
     per_task = ", ".join(
         f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"
         + (f" ({s['baseline']} did not improve on zero-shot)" if v["baseline_improved"] is False else "")
@@ -395,6 +397,30 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     if doc["figures"]:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in doc["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _sweep_table(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
+    """Every lr of the grid, its dev score on the selection seeds and where it diverged: why each lr was selected."""
+    lrs = sorted({lr for spec in grid.methods for mode in spec.modes for lr in spec.lr[mode]})
+    by_task = {row["task"]: row for row in rows}
+    lines = ["", "Learning-rate sweep: best dev score on the selection seeds at each lr of the grid (the selection "
+                 "in bold; div. N: diverged at step N, scored from its best weights before; –: not finished yet):",
+             "", "| task | method | mode | " + " | ".join(format_lr(lr) for lr in lrs) + " |",
+             "|" + " --- |" * (len(lrs) + 3)]
+    for task, spec, mode in grid.cells():
+        cell = by_task[task]["methods"].get(spec.label, {}).get(mode)
+        tried = {c["lr"]: c for c in cell["lr_candidates"]} if cell else {}
+        selected = cell["lr"] if cell and cell["sweep_finished"] else None
+        texts = [_sweep_text(tried.get(lr), lr == selected) if lr in spec.lr[mode] else "" for lr in lrs]
+        lines.append(f"| {task} | {spec.label} | {mode} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _sweep_text(candidate: dict[str, Any] | None, selected: bool) -> str:
+    if candidate is None:
+        return "–"
+    text = f"{candidate['dev_mean']:.2f}" + "".join(f" (div. {step})" for step in candidate["diverged_at"])
+    return f"**{text}**" if selected else text
 
 
 # ============================================================================ figures
