@@ -26,8 +26,10 @@ BLOCK = re.compile(r"(<!-- accuracy:begin (\S+) -->\n)(.*?)(<!-- accuracy:end --
 def accuracy_block(markdown: str) -> str:
     """The status paragraph, the main table and the summary bullets of an ``accuracy.md``."""
     lines = markdown.splitlines()
-    status = next(i for i, line in enumerate(lines) if line.startswith("Runs used:"))
-    table_end = next(i for i in range(status + 2, len(lines)) if not lines[i].startswith("|"))
+    status = next((i for i, line in enumerate(lines) if line.startswith("Runs used:")), None)
+    if status is None or "## Summary" not in lines:
+        raise ValueError("the accuracy.md it names has no 'Runs used:' line or no '## Summary'")
+    table_end = next((i for i in range(status + 2, len(lines)) if not lines[i].startswith("|")), len(lines))
     summary = lines.index("## Summary") + 2
     bullets = [line for line in lines[summary:] if line.startswith("- ")]
     return "\n".join(lines[status:table_end] + [""] + bullets) + "\n"
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     readme = README.read_text()
     try:
         current = render(readme)
-    except (ValueError, OSError, StopIteration) as err:
-        print(f"readme: {str(err) or 'the accuracy.md it names has no status line'}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"readme: {err}", file=sys.stderr)
         return 2
     if current == readme:
         print("README.md's accuracy block is current")

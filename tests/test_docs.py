@@ -90,3 +90,5 @@ def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> Non
     assert "Selected learning rates" not in out and "## Figures" not in out
     with pytest.raises(ValueError, match="no <!-- accuracy:begin"):
         readme.render("no markers here\n", root=tmp_path)
+    with pytest.raises(ValueError, match="no 'Runs used:' line"):
+        readme.accuracy_block("# Accuracy\n\nno table yet\n")

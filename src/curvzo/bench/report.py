@@ -410,7 +410,7 @@ def _sweep_table(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
     for task, spec, mode in grid.cells():
         cell = by_task[task]["methods"].get(spec.label, {}).get(mode)
         tried = {c["lr"]: c for c in cell["lr_candidates"]} if cell else {}
-        selected = cell["lr"] if cell and cell["sweep_finished"] else None
+        selected = cell["lr"] if _comparable(cell) else None
         texts = [_sweep_text(tried.get(lr), lr == selected) if lr in spec.lr[mode] else "" for lr in lrs]
         lines.append(f"| {task} | {spec.label} | {mode} | " + " | ".join(texts) + " |")
     return lines
