@@ -1,16 +1,22 @@
-"""Copy a `curvzo bench` profile's result table into README.md, so the README cannot drift from it.
+"""Copy benchmark results into README.md, so the README cannot drift from them.
 
-README.md holds the accuracy section between ``<!-- accuracy:begin <file> -->`` and
-``<!-- accuracy:end -->``, where ``<file>`` is a profile's ``accuracy.md`` (repository-relative).
-The block is that file's status paragraph, its main table and its summary bullets, verbatim; the
-file stays the one owner of the numbers. ``python -m benchmarks.readme`` rewrites the block from
-the file (after `curvzo bench --aggregate-only`, or after pointing the marker at another profile);
-``--check`` only says whether the README is current (exit 1 if not), as the test suite does.
+README.md holds each generated table between ``<!-- <kind>:begin <file> -->`` and
+``<!-- <kind>:end -->``, where ``<file>`` is the result it is made from (repository-relative), and
+the result file stays the one owner of the numbers:
+
+* ``accuracy``: a `curvzo bench` profile's ``accuracy.md``; the block is its status paragraph, its
+  main table and its summary bullets, verbatim;
+* ``step-cost``: a ``benchmarks.step_cost`` JSON, rendered by :func:`benchmarks.step_cost.readme_table`.
+
+``python -m benchmarks.readme`` rewrites every block from its file (after a benchmark reran, or
+after pointing a marker at another file); ``--check`` only says whether the README is current
+(exit 1 if not), as the test suite does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,9 +24,10 @@ from pathlib import Path
 from curvzo.io import write_text
 
 from ._common import REPO_ROOT
+from .step_cost import readme_table
 
 README = REPO_ROOT / "README.md"
-BLOCK = re.compile(r"(<!-- accuracy:begin (\S+) -->\n)(.*?)(<!-- accuracy:end -->)", re.DOTALL)
+BLOCK = re.compile(r"<!-- ([a-z-]+):begin (\S+) -->\n(.*?)<!-- \1:end -->", re.DOTALL)
 
 
 def accuracy_block(markdown: str) -> str:
@@ -35,13 +42,26 @@ def accuracy_block(markdown: str) -> str:
     return "\n".join(lines[status:table_end] + [""] + bullets) + "\n"
 
 
+#: How each kind of block is made from the text of its file.
+RENDERERS = {
+    "accuracy": accuracy_block,
+    "step-cost": lambda text: readme_table(json.loads(text)),
+}
+
+
 def render(readme: str, root: Path = REPO_ROOT) -> str:
-    """``readme`` with its accuracy block replaced by the one its marker names."""
-    match = BLOCK.search(readme)
-    if match is None:
-        raise ValueError("README.md has no <!-- accuracy:begin <file> --> ... <!-- accuracy:end --> block")
-    block = accuracy_block((root / match.group(2)).read_text())
-    return readme[:match.start(3)] + block + readme[match.end(3):]
+    """``readme`` with every generated block replaced by what its marker's file gives now."""
+    def block(match: re.Match[str]) -> str:
+        kind, path = match.group(1), match.group(2)
+        if kind not in RENDERERS:
+            raise ValueError(f"README.md has a block of unknown kind '{kind}' (known: {', '.join(RENDERERS)})")
+        body = RENDERERS[kind]((root / path).read_text())
+        return f"<!-- {kind}:begin {path} -->\n{body}<!-- {kind}:end -->"
+
+    rendered, count = BLOCK.subn(block, readme)
+    if count == 0:
+        raise ValueError("README.md has no <!-- <kind>:begin <file> --> ... <!-- <kind>:end --> block")
+    return rendered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     readme = README.read_text()
     try:
         current = render(readme)
-    except (ValueError, OSError) as err:
+    except (ValueError, KeyError, OSError) as err:
         print(f"readme: {err}", file=sys.stderr)
         return 2
     if current == readme:
-        print("README.md's accuracy block is current")
+        print("README.md's generated blocks are current")
         return 0
     if args.check:
-        print("README.md's accuracy block differs from its accuracy.md: run python -m benchmarks.readme", file=sys.stderr)
+        print("README.md's generated blocks differ from their files: run python -m benchmarks.readme", file=sys.stderr)
         return 1
     write_text(README, current)
-    print(f"rewrote README.md's accuracy block from {BLOCK.search(current).group(2)}")
+    print("rewrote README.md's generated blocks from " + ", ".join(m.group(2) for m in BLOCK.finditer(current)))
     return 0
 
 

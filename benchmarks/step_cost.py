@@ -325,6 +325,55 @@ def render_table(result: dict[str, Any]) -> str:
     return table + "\n\n" + goals
 
 
+#: README row labels, in the README's row order (the forwards first, then the steps).
+README_LABELS = {
+    "body_forward": "body forward",
+    "label_loss": "label-only inference (the closure)",
+    "peer-mezo": "peer `mezo==0.0.1`",
+    "mezo": "`mezo`",
+    "mezo-rademacher": '`mezo`, `noise="rademacher"`',
+    "curvzo-ref": "`curvzo-ref` (reference)",
+    "curvzo": "`curvzo` preset, tensor blocks",
+    "curvzo+rows-active": "`curvzo` as the harness runs it (embedding rows, active mask)",
+    "uniform-sparse": "`uniform-sparse`",
+    "curvzo-fixed": "`curvzo-fixed`",
+    "adamw": "first-order AdamW (backprop)",
+}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
+
+
+def readme_table(result: dict[str, Any]) -> str:
+    """The README's markdown table of a result: time, its ratio to two body forwards, peak memory
+    over label-only inference, the largest transient and random numbers per parameter.
+
+    The largest-tensor column is left out for results measured without the allocation probe."""
+    t, memory = result["timings"], result.get("memory") or {}
+    two_body = 2 * t["body_forward"]["median"]
+    inference = memory.get("inference-label", {}).get("peak_bytes")
+    probed = any("largest_allocation_bytes" in m for m in memory.values())
+    head = ["", "step time", "step / (2 x body forward)", "peak memory / label-only inference",
+            *(["largest tensor a step allocates"] if probed else []), "random numbers per step / params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, label in README_LABELS.items():
+        if name not in t:
+            continue
+        mem = memory.get("inference-label" if name == "label_loss" else name, {})
+        peak = mem.get("peak_bytes")
+        ratio = "" if peak is None or inference is None else f"{peak / inference:.2f}"
+        if name == "label_loss" and peak is not None:
+            ratio += f" ({peak / 2**20:.0f} MiB)"
+        largest = mem.get("largest_allocation_bytes")
+        draws = t[name].get("noise_draws_over_params")
+        cells = [label, _duration(t[name]["median"]), f"{t[name]['median'] / two_body:.2f}" if name in STEP_METHODS else "",
+                 ratio, *([f"{largest / 2**20:.1f} MiB" if largest else ""] if probed else []),
+                 f"{draws:.2f}" if draws else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compute_goals(timings: dict[str, Any], memory: dict[str, Any] | None, two_body: float) -> dict[str, float | None]:
     """The target figures: ``curvzo`` as the harness runs it (rows + active mask) when measured."""
     curvzo = timings.get("curvzo+rows-active", timings.get("curvzo", {})).get("median")

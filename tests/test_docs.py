@@ -70,12 +70,13 @@ def test_every_public_class_and_function_has_a_docstring(module: str) -> None:
     assert not missing
 
 
-def test_the_readme_accuracy_block_is_its_accuracy_md_verbatim() -> None:
-    """README.md copies a profile's table and summary; `python -m benchmarks.readme` rewrites it."""
+def test_the_readme_generated_blocks_are_their_result_files_rendered() -> None:
+    """README.md copies result tables; `python -m benchmarks.readme` rewrites them."""
     from benchmarks import readme
 
     text = (REPO / "README.md").read_text()
-    assert readme.render(text) == text, "README.md's accuracy block is stale: run python -m benchmarks.readme"
+    assert {m.group(1) for m in readme.BLOCK.finditer(text)} == set(readme.RENDERERS)
+    assert readme.render(text) == text, "README.md's generated blocks are stale: run python -m benchmarks.readme"
 
 
 def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> None:
@@ -88,7 +89,37 @@ def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> Non
     assert out.startswith("intro\n<!-- accuracy:begin acc.md -->\nRuns used: ") and out.endswith("<!-- accuracy:end -->\noutro\n")
     assert "old table" not in out and "| curvzo | full |" in out and "- **curvzo − mezo**" in out
     assert "Selected learning rates" not in out and "## Figures" not in out
-    with pytest.raises(ValueError, match="no <!-- accuracy:begin"):
+    with pytest.raises(ValueError, match="no <!-- <kind>:begin"):
         readme.render("no markers here\n", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown kind 'plots'"):
+        readme.render("<!-- plots:begin acc.md -->\n<!-- plots:end -->\n", root=tmp_path)
     with pytest.raises(ValueError, match="no 'Runs used:' line"):
         readme.accuracy_block("# Accuracy\n\nno table yet\n")
+
+
+def test_the_step_cost_block_has_a_row_per_measurement_and_drops_the_probe_column_when_unmeasured(tmp_path) -> None:
+    import json
+
+    from benchmarks import readme
+
+    mib = 2**20
+    result = {
+        "timings": {"body_forward": {"median": 0.5}, "label_loss": {"median": 0.55},
+                    "mezo": {"median": 2.0, "noise_draws_over_params": 2.6}, "adamw": {"median": 0.04}},
+        "memory": {"inference-label": {"peak_bytes": 1000 * mib, "largest_allocation_bytes": 3 * mib},
+                   "mezo": {"peak_bytes": 1050 * mib, "largest_allocation_bytes": 3.5 * mib},
+                   "adamw": {"peak_bytes": 3000 * mib, "largest_allocation_bytes": 100 * mib}},
+    }
+    (tmp_path / "probed.json").write_text(json.dumps(result))
+    for measurement in result["memory"].values():
+        del measurement["largest_allocation_bytes"]
+    (tmp_path / "unprobed.json").write_text(json.dumps(result))
+    text = "".join(f"<!-- step-cost:begin {name}.json -->\n<!-- step-cost:end -->\n" for name in ("probed", "unprobed"))
+    probed, unprobed = (block.group(3) for block in readme.BLOCK.finditer(readme.render(text, root=tmp_path)))
+    assert probed.splitlines()[2:] == [
+        "| body forward | 0.50 s |  |  |  |  |",
+        "| label-only inference (the closure) | 0.55 s |  | 1.00 (1000 MiB) | 3.0 MiB |  |",
+        "| `mezo` | 2.00 s | 2.00 | 1.05 | 3.5 MiB | 2.60 |",
+        "| first-order AdamW (backprop) | 40.0 ms | 0.04 | 3.00 | 100.0 MiB |  |",
+    ]
+    assert "largest tensor" not in unprobed and "| `mezo` | 2.00 s | 2.00 | 1.05 | 2.60 |" in unprobed
