@@ -152,8 +152,9 @@ def summarize(
         rows.append(row)
     per_method = {}
     for label in dict.fromkeys(r["label"] for r in records):
-        if label != baseline:
-            per_method[label] = _versus(rows, label, baseline, mode)
+        versus, in_mode = _counterpart(records, label, baseline, mode)
+        if label != versus:
+            per_method[label] = {**_versus(rows, label, versus, in_mode), "baseline": versus, "mode": in_mode}
     head = per_method.get(method) or _versus(rows, method, baseline, mode)
     diff, total, ratio = head["minus_baseline_mean"], head["tasks_total"], head["forward_ratio_median"]
     summary = {
@@ -171,6 +172,19 @@ def summarize(
         },
     }
     return {"summary": summary, "tasks": rows}
+
+
+def _counterpart(records: list[dict[str, Any]], label: str, baseline: str, mode: str) -> tuple[str, str]:
+    """What ``label`` is compared against, and in which mode: ``baseline`` in ``mode``, or, for a
+    label trained only in another mode (a LoRA column), the label running the baseline's method in
+    that mode, so that adapters are compared with adapters."""
+    modes = {r["mode"] for r in records if r["label"] == label}
+    if mode in modes or len(modes) != 1:
+        return baseline, mode
+    (other,) = modes
+    method = next((r["results"]["method"] for r in records if r["label"] == baseline), baseline)
+    twin = next((r["label"] for r in records if r["mode"] == other and r["results"]["method"] == method), None)
+    return (baseline, mode) if twin is None else (twin, other)
 
 
 def _comparable(cell: dict[str, Any] | None) -> bool:
@@ -388,10 +402,11 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     for label, v in s["methods"].items():
         if label == s["method"]:
             continue
+        versus = v["baseline"] + ("" if v["mode"] == s["mode"] else f" ({v['mode']})")
         if not v["tasks_total"]:
-            lines.append(f"- {label} − {s['baseline']}: no task to compare yet.")
+            lines.append(f"- {label} − {versus}: no task to compare yet.")
         else:
-            lines.append(f"- {label} − {s['baseline']}: {_fmt(v['minus_baseline_mean'])} points, wins "
+            lines.append(f"- {label} − {versus}: {_fmt(v['minus_baseline_mean'])} points, wins "
                          f"{v['tasks_won']}/{v['tasks_total']} ({_outcomes(v['per_task'])}), forward ratio median "
                          f"{_ratio_text(v['forward_ratio_median'], v['forward_ratio_tasks'])}.")
     if doc["figures"]:
