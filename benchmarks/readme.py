@@ -55,7 +55,10 @@ def render(readme: str, root: Path = REPO_ROOT) -> str:
         kind, path = match.group(1), match.group(2)
         if kind not in RENDERERS:
             raise ValueError(f"README.md has a block of unknown kind '{kind}' (known: {', '.join(RENDERERS)})")
-        body = RENDERERS[kind]((root / path).read_text())
+        try:
+            body = RENDERERS[kind]((root / path).read_text())
+        except KeyError as err:
+            raise ValueError(f"{path} is not a {kind} result: it has no {err} entry") from None
         return f"<!-- {kind}:begin {path} -->\n{body}<!-- {kind}:end -->"
 
     rendered, count = BLOCK.subn(block, readme)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = README.read_text()
     try:
         current = render(readme)
-    except (ValueError, KeyError, OSError) as err:
+    except (ValueError, OSError) as err:
         print(f"readme: {err}", file=sys.stderr)
         return 2
     if current == readme:

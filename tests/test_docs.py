@@ -123,3 +123,6 @@ def test_the_step_cost_block_has_a_row_per_measurement_and_drops_the_probe_colum
         "| first-order AdamW (backprop) | 40.0 ms | 0.04 | 3.00 | 100.0 MiB |  |",
     ]
     assert "largest tensor" not in unprobed and "| `mezo` | 2.00 s | 2.00 | 1.05 | 2.60 |" in unprobed
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="other.json is not a step-cost result: it has no 'timings' entry"):
+        readme.render("<!-- step-cost:begin other.json -->\n<!-- step-cost:end -->\n", root=tmp_path)
