@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from curvzo.bench import forward_to_reach, format_lr, load_grid, parse_only, plan, run_bench, run_folder_name, summarize
+from curvzo.bench.runs import training_run
 from curvzo.cli import main
 from curvzo.errors import ConfigError
 
@@ -536,3 +537,23 @@ def test_the_committed_tables_regenerate_from_the_committed_archive(tmp_path, pr
         text = text.replace(f" --out {out}", "" if profile == "cpu" else f" --out {committed}")
         text = text.replace(str(out), str(committed)).replace(str(SHIPPED), "benchmarks/grids/cpu.yaml")
         assert text == (REPO / committed / name).read_text(encoding="utf-8"), f"{committed / name} differs"
+
+
+def test_a_seed_run_at_an_lr_that_is_no_longer_the_selection_enters_no_table_or_count(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1], select_seeds=[0], zero_shot=False,
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}}))
+    spec = grid.methods[0]
+    at = {(lr, seed): training_run(grid, "sst2", spec, "full", lr, seed).path for lr in (1e-5, 1e-4) for seed in (0, 1)}
+    fake_results(at[1e-5, 0], best_dev=0.7, test=0.70, evals=[(100, 0.7)])
+    fake_results(at[1e-4, 0], best_dev=0.6, test=0.60, evals=[(100, 0.6)])
+    fake_results(at[1e-5, 1], best_dev=0.7, test=0.72, evals=[(100, 0.7)])
+    # ran while 1e-4 was the selection, before 1e-5 joined the grid
+    fake_results(at[1e-4, 1], best_dev=0.9, test=0.90, evals=[(100, 0.9)])
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    doc = json.loads((grid.out / "accuracy.json").read_text())
+    assert (doc["summary"]["runs_used"], doc["summary"]["runs_expected"], doc["summary"]["runs_off_selection"]) == (3, 3, 1)
+    cell = doc["tasks"][0]["methods"]["mezo"]["full"]
+    assert cell["lr"] == 1e-5 and cell["tests"] == [0.70, 0.72]
+    assert [r["in_plan"] for r in doc["runs"] if r["lr"] == 1e-4] == [True, False]
+    md = (grid.out / "accuracy.md").read_text()
+    assert "Runs used: 3 of 3" in md and "not counted: 1 finished seed run at an lr that is no longer" in md

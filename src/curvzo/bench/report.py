@@ -22,7 +22,7 @@ from typing import Any
 from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
-from .runs import all_runs, selection, training_run, zero_shot_run
+from .runs import all_runs, plan, selection, training_run, zero_shot_run
 from .store import RECORDS
 
 __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
@@ -256,6 +256,9 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
 
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
     """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
+    # A seed run at an lr that is no longer its cell's selection (the lr grid grew after it ran)
+    # stays on disk and in accuracy.json, but no table or count of the grid uses it.
+    planned = {run.path for run in plan(grid)[0]}
     records, zero_shot, used = [], [], []
     for run in all_runs(grid):
         if not run.done:
@@ -264,12 +267,14 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
         if run.label == ZERO_SHOT:
             zero_shot.append({"task": run.task, "seed": run.seed, "results": results})
             continue
-        records.append({"task": run.task, "label": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
-                        "results": results})
+        in_plan = run.path in planned
+        if in_plan:
+            records.append({"task": run.task, "label": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
+                            "results": results})
         used.append({"task": run.task, "method": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
                      "path": str(run.path), "best_dev": results["best_dev"], "test": results["test"],
                      "forward_passes": results["forward_passes"], "wall_time_s": results.get("wall_time_s"),
-                     "diverged": bool(results.get("diverged"))})
+                     "diverged": bool(results.get("diverged")), "in_plan": in_plan})
     method, baseline = grid.compare
     unfinished = [(task, spec.label, mode) for task, spec, mode in grid.cells()
                   if selection(grid, task, spec, mode) is None]
@@ -277,7 +282,8 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
                      zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished)
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
-                           runs_diverged=sum(u["diverged"] for u in used))
+                           runs_diverged=sum(u["diverged"] for u in used if u["in_plan"]),
+                           runs_off_selection=len(used) - len(records))
     for row in data["tasks"]:
         row["majority"] = majority_baseline(grid, row["task"])
     out = grid.out
@@ -339,6 +345,12 @@ def _lr_text(cell: dict[str, Any] | None) -> str:
     return format_lr(cell["lr"]) + ("" if cell["sweep_finished"] else UNSWEPT)
 
 
+def _off_selection_text(count: int) -> str:
+    if not count:
+        return ""
+    return f"; not counted: {count} finished seed run{'' if count == 1 else 's'} at an lr that is no longer the dev selection"
+
+
 def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     s, rows = doc["summary"], doc["tasks"]
     tasks = [r["task"] for r in rows]
@@ -349,7 +361,8 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"# Accuracy: {grid.model}, profile `{grid.profile}`", "",
         f"Regenerate: `{doc['command']}` (resumable; `--aggregate-only` redraws from finished runs).", "",
         f"Runs used: {s['runs_used']} of {s['runs_expected']} training runs ({s['runs_diverged']} diverged: scored from "
-        f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
+        f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations"
+        f"{_off_selection_text(s.get('runs_off_selection', 0))}. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
         f"mean ± std (sample) over seeds {list(grid.seeds)} of the learning rate selected on dev "
         f"(n = seeds finished when fewer)." + (f" Settings: {settings}." if settings else ""),
         "", head, "|" + " --- |" * (len(tasks) + 3),
