@@ -135,27 +135,23 @@ def summarize(
             }
         base = cells.get(baseline, {}).get(mode)
         if _comparable(base) and base["curve"]:
-            target, budget = base["curve"][-1][1], base["curve"][-1][0]
-            row["baseline_final_dev"], row["baseline_forward_passes"] = target, budget
-            row["baseline_improved"] = target > base["curve"][0][1]
+            row["baseline_final_dev"], row["baseline_forward_passes"] = base["curve"][-1][1], base["curve"][-1][0]
+            row["baseline_improved"] = _improved(base)
             row["forward_to_baseline_final"] = {}
             row["forward_ratio_to_baseline_final"] = {}
-            # The denominator is where the baseline itself first reaches its final accuracy, not its
-            # budget: a baseline curve that peaks early would otherwise make anyone look faster.
-            own = forward_to_reach([tuple(p) for p in base["curve"]], target)
             for label, by_mode in cells.items():
                 if label in zo and _comparable(by_mode.get(mode)) and by_mode[mode]["curve"]:
-                    reach = forward_to_reach([tuple(p) for p in by_mode[mode]["curve"]], target)
+                    reach, ratio = _forward_reach(by_mode[mode], base)
                     row["forward_to_baseline_final"][label] = reach
                     if row["baseline_improved"]:
-                        row["forward_ratio_to_baseline_final"][label] = None if reach is None else reach / own
+                        row["forward_ratio_to_baseline_final"][label] = ratio
         rows.append(row)
     per_method = {}
     for label in dict.fromkeys(r["label"] for r in records):
         versus, in_mode = _counterpart(records, label, baseline, mode)
         if label != versus:
-            per_method[label] = {**_versus(rows, label, versus, in_mode), "baseline": versus, "mode": in_mode}
-    head = per_method.get(method) or _versus(rows, method, baseline, mode)
+            per_method[label] = {**_versus(rows, label, versus, in_mode, zo), "baseline": versus, "mode": in_mode}
+    head = per_method.get(method) or _versus(rows, method, baseline, mode, zo)
     diff, total, ratio = head["minus_baseline_mean"], head["tasks_total"], head["forward_ratio_median"]
     summary = {
         "method": method, "baseline": baseline, "mode": mode,
@@ -192,8 +188,27 @@ def _comparable(cell: dict[str, Any] | None) -> bool:
     return bool(cell) and cell["sweep_finished"]
 
 
-def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str, Any]:
-    """``label`` against ``baseline`` in ``mode``, over the tasks where both have results."""
+def _improved(cell: dict[str, Any]) -> bool:
+    """Whether a cell's seed-averaged dev curve ends above its zero-shot start."""
+    return cell["curve"][-1][1] > cell["curve"][0][1]
+
+
+def _forward_reach(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Forward passes for ``ours`` to reach ``theirs``' final dev accuracy (None: never), and that
+    over the forwards ``theirs`` needs to first reach it itself (meaningful when ``theirs`` improved).
+
+    The denominator is where the baseline first reaches its final accuracy, not its budget: a
+    baseline curve that peaks early would otherwise make anyone look faster.
+    """
+    target = theirs["curve"][-1][1]
+    reach = forward_to_reach([tuple(p) for p in ours["curve"]], target)
+    own = forward_to_reach([tuple(p) for p in theirs["curve"]], target)
+    return reach, None if reach is None or not own else reach / own
+
+
+def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str]) -> dict[str, Any]:
+    """``label`` against ``baseline`` in ``mode``, over the tasks where both have results; the
+    forward ratio for ZO labels only (a first-order step is not two forwards)."""
     per_task, diffs, ratios = {}, [], []
     for row in rows:
         ours, theirs = row["methods"].get(label, {}).get(mode), row["methods"].get(baseline, {}).get(mode)
@@ -205,13 +220,14 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str) -> dict[str,
             outcome = "one seed"  # no spread to judge the difference against: neither won nor lost
         else:
             outcome = "won" if diff > tolerance else "lost" if diff < -tolerance else "tie"
-        ratio = row.get("forward_ratio_to_baseline_final", {}).get(label, "n/a")
+        improved = _improved(theirs) if theirs["curve"] else None
+        ratio = _forward_reach(ours, theirs)[1] if improved and label in zo and ours["curve"] else "n/a"
         per_task[row["task"]] = {"minus_baseline": diff, "standard_error": se, "tolerance": tolerance,
                                  "outcome": outcome, "won": outcome == "won", "forward_ratio": None if ratio == "n/a" else ratio,
                                  "reached": None if ratio == "n/a" else ratio is not None,
-                                 "baseline_improved": row.get("baseline_improved")}
+                                 "baseline_improved": improved}
         diffs.append(diff)
-        if ratio != "n/a" and row.get("baseline_improved") is not False:  # else "reaching" it is free: no signal
+        if ratio != "n/a":  # a baseline that never improved is "reached" for free: no signal
             ratios.append(math.inf if ratio is None else ratio)
     median = statistics.median(ratios) if ratios else None
     return {
