@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -161,6 +162,13 @@ def test_lora_trains_only_the_adapter_on_query_and_value(arch: str, targets: set
     assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable} == targets
     assert not model.training
     assert logits(model).shape[-1] == len(tokenizer())
+
+
+def test_wrapping_a_model_in_lora_shows_the_user_no_library_version_warning() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_peft(tiny_model("llama"), "lora")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_lora_accepts_explicit_targets() -> None:

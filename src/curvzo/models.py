@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -461,7 +462,11 @@ def apply_peft(
     )
     model_type = getattr(model.config, "model_type", type(model).__name__)
     try:
-        wrapped = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing`: a warning about the
+            # two libraries' versions that the user can do nothing about.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            wrapped = get_peft_model(model, config)
         if mode == "prefix":
             _check_prefix_forward(wrapped)
     except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError) as err:
