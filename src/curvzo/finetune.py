@@ -88,7 +88,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     ranks = start(cfg)
     try:
         cfg = ranks.agree(cfg)  # rank 0's run folder from here on
-        return _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
+        results = _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
+        ranks.barrier()  # no rank tears the group down while another may still be finishing a collective
+        return results
     except (RankFailed, RuntimeError) as err:
         failure = _rank_failure(ranks, err)
         if failure is None:
