@@ -378,7 +378,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"Regenerate: `{doc['command']}` (resumable; `--aggregate-only` redraws from finished runs).", "",
         f"Runs used: {s['runs_used']} of {s['runs_expected']} training runs ({s['runs_diverged']} diverged: scored from "
         f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations"
-        f"{_off_selection_text(s.get('runs_off_selection', 0))}. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
+        f"{_off_selection_text(s['runs_off_selection'])}. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
         f"mean ± std (sample) over seeds {list(grid.seeds)} of the learning rate selected on dev "
         f"(n = seeds finished when fewer)." + (f" Settings: {settings}." if settings else ""),
         "", head, "|" + " --- |" * (len(tasks) + 3),
