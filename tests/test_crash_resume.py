@@ -1,4 +1,8 @@
-"""Crash safety: a run killed with SIGKILL at any step resumes to bit-identical weights."""
+"""Crash safety: a run killed with SIGKILL at any step resumes to bit-identical weights.
+
+Every run here, in this process or a child, uses the same thread count (``threads.THREADS``), so
+the bit-identity claimed does not depend on how a CPU's kernels split their sums by thread.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +21,16 @@ import torch
 from safetensors.torch import load_file
 
 from curvzo.cli import main
+from threads import pinned_threads, thread_env
 
 STEPS = 8
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _same_threads() -> Iterator[None]:
+    """The runs of this process (the reference, every resume) at the count the children get."""
+    with pinned_threads():
+        yield
 
 
 def _argv(tiny_dir: Path, data_dir: Path, out: Path, *schedule: str) -> list[str]:
@@ -28,7 +40,7 @@ def _argv(tiny_dir: Path, data_dir: Path, out: Path, *schedule: str) -> list[str
 
 
 def _start(argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    env = {**thread_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     return subprocess.Popen([sys.executable, "-m", "curvzo.cli", *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 

@@ -2,7 +2,8 @@
 
 Each torchrun launch costs seconds (two interpreters import torch and transformers), so each
 launch serves several checks; the equivalences at the level of the optimizer are in
-tests/optim/test_distributed.py.
+tests/optim/test_distributed.py. The ranks and every run of this process (the one-process
+reference, the replays compared bit for bit) use the same thread count (``threads.THREADS``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from curvzo.cli import main
+from threads import pinned_threads, thread_env
 
 STEPS = 4
 
@@ -31,10 +34,15 @@ def _argv(tiny_dir: Path, data_dir: Path, out: Path, *extra: str, steps: int = S
             "--eval-every", "2", "--output-dir", str(out), "--no-progress", "--keep", "weights", *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _same_threads() -> Iterator[None]:
+    with pinned_threads():
+        yield
+
+
 def _env() -> dict[str, str]:
     # One thread per process: two processes on two cores, and oversubscription costs 15x.
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    return {**thread_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
 
 
 def _torchrun(*args: str) -> subprocess.Popen:

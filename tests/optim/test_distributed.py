@@ -2,6 +2,8 @@
 
 The two ranks run all three modes in one spawned process group (starting processes is the slow
 part) and save what they end with; the test process computes the single-process references.
+Ranks and references run with the same thread count (``threads.THREADS``): a bit-identity
+between runs with different counts would hold on some CPUs' kernels and not on others.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from curvzo.optim import DistributedZO, build_optimizer
+from threads import THREADS, pinned_threads
 
 STEPS = 4
 BATCH = 6
@@ -86,7 +89,7 @@ def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None 
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -145,7 +148,8 @@ def test_data_and_shard_modes_follow_one_process_on_the_global_batch(ranks, mode
 
 
 def test_query_mode_equals_one_process_taking_q_queries(ranks):
-    reference = _train("query", queries=WORLD)
+    with pinned_threads():  # the ranks' count: the claim is bit-identity
+        reference = _train("query", queries=WORLD)
     got = ranks[0]["query"]
     assert _digest(got["weights"]) == _digest(reference["weights"])
     assert torch.equal(got["scores"], reference["scores"])
