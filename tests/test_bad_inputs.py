@@ -53,7 +53,8 @@ def _other_config(run: Path) -> None:
 # (id, setup(model_dir, data_dir, run_dir) -> extra argv, expected message fragment)
 CASES = [
     ("unknown-task", lambda m, d, r: ["--task", "sst3"], "Did you mean: sst2"),
-    ("unknown-method", lambda m, d, r: ["--method", "adam"], "`method` must be one of"),
+    ("unknown-method", lambda m, d, r: ["--method", "mezzo"], "`method` must be one of"),
+    ("mistyped-method", lambda m, d, r: ["--method", "curvz"], "got 'curvz' (did you mean: curvzo"),
     ("unknown-option", lambda m, d, r: ["--set", "lerning_rate=1"], "unknown config key(s): lerning_rate"),
     ("unknown-optimizer-option", lambda m, d, r: ["--set", "optimizer_options={beta: 1}"], "unexpected keyword argument 'beta'"),
     ("lr-zero", lambda m, d, r: ["--lr", "0"], "`lr` must be a finite number > 0"),

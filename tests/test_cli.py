@@ -205,7 +205,7 @@ def test_every_config_field_is_a_train_flag_with_its_help_and_default(capsys):
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
         assert f"{flag} {spec.name.upper()} {' '.join(spec.metadata['help'].split())}" in text
-    assert "--steps STEPS optimizer steps (default: 200)" in text
+    assert "--steps STEPS optimizer steps (default: 60)" in text
     assert "--optimizer-options OPTIMIZER_OPTIONS extra ZO optimizer options (default: {})" in text
 
 
@@ -221,3 +221,14 @@ def test_version_and_a_help_that_needs_no_torch(capsys):
               "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "--overwrite" in out and out.splitlines()[-1] == "[]"
+
+
+def test_warnings_are_one_line_each_and_a_batch_larger_than_the_data_is_one(tiny_dir, data_dir, tmp_path, capsys):
+    """16 training examples and a batch of 32: the run goes on, and says so in one line."""
+    argv = ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
+            "--num-dev", "4", "--num-test", "4", "--batch-size", "32", "--steps", "1", "--no-progress",
+            "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["curvzo: warning: batch_size 32 exceeds the 16 training examples of task `sst2`: every batch "
+                   "repeats examples; lower batch_size or give the task more data"]

@@ -65,7 +65,19 @@ def test_every_phase_shows_progress_and_the_summary_says_what_its_time_covers(ti
     captured = capsys.readouterr()
     for phase in ("loading data", "zero-shot dev", "curvzo sst2", "saving checkpoint", "test", "drawing plots"):
         assert phase in captured.err, phase
-    assert "training steps" in captured.out and "this command" in captured.out
+    assert "training steps" in captured.out and "s in all with loading" in captured.out
     assert main(["eval", str(run)]) == 0
     err = capsys.readouterr().err
     assert "loading data" in err and "dev" in err and "test" in err
+
+
+def test_the_library_call_prints_the_cli_result_line(tiny_dir, data_dir, tmp_path, capsys):
+    from curvzo import TrainConfig, train
+
+    assert main(_argv(tiny_dir, data_dir, "--output-dir", str(tmp_path / "cli"))) == 0
+    cli_line = capsys.readouterr().out.strip().splitlines()[-1]
+    train(TrainConfig(model=str(tiny_dir), task="sst2", data_dir=str(data_dir), num_train=16, num_dev=4, num_test=4,
+                      batch_size=4, steps=2, output_dir=str(tmp_path / "lib")), progress=False)
+    lib_line = capsys.readouterr().out.strip().splitlines()[-1]
+    head = cli_line.split(" (")[0]  # what the run reached; times and folders differ
+    assert lib_line.startswith(head + " (2 steps") and lib_line.endswith(f"run folder {tmp_path / 'lib'}")

@@ -26,8 +26,8 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ from typing import Any
 import yaml
 
 from .config import TrainConfig, load_config, load_yaml, parse_overrides
-from .errors import ConfigError, CurvzoError, RankFailed, TrainingDiverged
+from .errors import (
+    INPUT_ERROR_EXIT, ConfigError, CurvzoError, CurvzoWarning, RankFailed, TrainingDiverged, error_line,
+)
 
 __all__ = ["main"]
 
@@ -194,17 +196,9 @@ def _train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config or config_file, overrides)
     else:
         cfg = with_run_folder(load_config(args.config, overrides))
-    start = time.perf_counter()
     results = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if "diverged" in results:
         raise TrainingDiverged(results["diverged"])
-    if os.environ.get("RANK", "0") != "0":
-        return  # rank 0 reports a distributed run
-    metric = results["metric"]
-    print(f"{results['task']} {metric}: zero-shot {results['zero_shot']:.4f} -> best dev {results['best_dev']:.4f}, "
-          f"test {results['test']:.4f} ({results['steps']} steps, {results['forward_passes']} forward passes; "
-          f"training steps {results['wall_time_s']:.0f} s, this command {time.perf_counter() - start:.0f} s with "
-          f"loading, evaluation, saving and plots); run folder {cfg.output_dir}")
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -294,16 +288,29 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A warning as one stderr line, beside the errors' lines (no file, line number or source line)."""
+    text = " ".join(str(message).split())
+    prefix = "curvzo: warning" if issubclass(category, CurvzoWarning) else f"curvzo: warning ({category.__name__})"
+    print(f"{prefix}: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the caller's handler (main may run inside a program)
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         _COMMANDS[args.command](args)
     except CurvzoError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it once
-            print(f"curvzo: error: {err}", file=sys.stderr)
-        return 2
+            print(error_line(err), file=sys.stderr)
+        return INPUT_ERROR_EXIT
     except RankFailed as err:  # another rank died: each survivor says which, in one line
-        print(f"curvzo: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C: one line (a run says how to resume), no traceback
         print(f"curvzo: {str(err) or 'interrupted'}", file=sys.stderr)

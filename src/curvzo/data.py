@@ -114,6 +114,10 @@ def load_run_examples(task: TaskConfig, cfg: TrainConfig) -> tuple[list[Example]
     splits = load_splits(task, data_dir=cfg.data_dir, num_train=cfg.num_train, num_dev=cfg.num_dev,
                          num_test=cfg.num_test, seed=cfg.seed)
     train, dev, test = ([task.render(doc) for doc in docs] for docs in (splits.train, splits.dev, splits.test))
+    if cfg.batch_size > len(train):
+        warnings.warn(
+            f"batch_size {cfg.batch_size} exceeds the {len(train)} training examples of task `{task.name}`: every "
+            "batch repeats examples; lower batch_size or give the task more data", CurvzoWarning, stacklevel=2)
     return train, dev, test
 
 

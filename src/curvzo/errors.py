@@ -7,7 +7,14 @@ CLI turns into one stderr line and exit code 2.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
+    "INPUT_ERROR_EXIT",
+    "error_line",
+    "reported",
     "CurvzoError",
     "ConfigError",
     "DataError",
@@ -67,3 +74,26 @@ class RankFailed(RuntimeError):
 
 class CurvzoWarning(UserWarning):
     """A recoverable situation the user should know about."""
+
+
+#: Exit code of a command stopped by an input error (argparse's convention for a bad command line).
+INPUT_ERROR_EXIT = 2
+
+
+def error_line(err: BaseException) -> str:
+    """The one stderr line an input error gets, from the CLI and from scripts alike."""
+    return f"curvzo: error: {err}"
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Run a script's body so that an input error ends it as the CLI ends: one line, exit code 2.
+
+    For scripts such as ``examples/``: a missing file or an unreachable hub is the user's to fix,
+    and a traceback through the library's frames would hide the one line that says how.
+    """
+    try:
+        yield
+    except CurvzoError as err:
+        print(error_line(err), file=sys.stderr)
+        raise SystemExit(INPUT_ERROR_EXIT) from None

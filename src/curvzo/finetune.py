@@ -45,7 +45,7 @@ from .tasks import Example, TaskConfig, get_task, task_from_dict
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
 __all__ = [
-    "train", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "active_blocks", "load_weights",
+    "train", "result_line", "evaluate", "evaluate_run", "replay", "rebuild", "export", "setup", "active_blocks", "load_weights",
     "weights_on_cpu", "TrainState",
 ]
 
@@ -84,12 +84,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         raise ConfigError("resume needs the run folder (`output_dir`)")
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
+    started = time.perf_counter()
     cfg = with_run_folder(cfg)
     ranks = start(cfg)
     try:
         cfg = ranks.agree(cfg)  # rank 0's run folder from here on
         results = _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
         ranks.barrier()  # no rank tears the group down while another may still be finishing a collective
+        if ranks.writes and "diverged" not in results:  # a diverged run's line is the caller's to raise
+            print(result_line(results, time.perf_counter() - started, cfg.output_dir))
         return results
     except (RankFailed, RuntimeError) as err:
         failure = _rank_failure(ranks, err)
@@ -101,6 +104,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         raise RankFailed(f"{failure}; {where}") from None
     finally:
         ranks.close()
+
+
+def result_line(results: dict[str, Any], seconds: float, run_dir: str | Path) -> str:
+    """The one line a finished run ends with: what it reached, what it cost, where it is."""
+    return (f"{results['task']} {results['metric']}: zero-shot {results['zero_shot']:.4f} -> best dev "
+            f"{results['best_dev']:.4f}, test {results['test']:.4f} ({results['steps']} steps, "
+            f"{results['forward_passes']} forward passes; training steps {results['wall_time_s']:.0f} s, "
+            f"{seconds:.0f} s in all with loading, evaluation, saving and plots); run folder {run_dir}")
 
 
 def _rank_failure(ranks: Ranks, err: BaseException) -> RankFailed | None:
