@@ -33,3 +33,12 @@ def test_device_auto_is_the_gpu_when_there_is_one():
 
     assert TrainConfig().resolved_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert TrainConfig(device="cpu").resolved_device() == torch.device("cpu")
+
+
+def test_the_demo_config_is_the_embedded_default_written_out():
+    from dataclasses import replace
+
+    from curvzo.config import TrainConfig
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert replace(demo, output_dir=None) == replace(TrainConfig(), lr=TrainConfig().resolved_lr())
