@@ -1,0 +1,358 @@
+"""Oracle: how much a gradient-energy-per-curvature block choice can gain over MeZO.
+
+Backprop is allowed here, and only here. Every ``refresh`` steps the exact batch gradient and a
+Gauss-Newton (GN) trace of each tensor are measured on the next training examples; the perturbed
+set S is the ``k`` groups (a decoder layer's attention or MLP, or the tied embedding) with the
+largest ratio of gradient signal to curvature (the Gauss-Southwell-Lipschitz rule), plus every
+norm gain; and the ZO step is the subspace update on S: MeZO on the blocks of S, with no 1/pi.
+
+Per tensor b the measurement gives, from one forward and 2 + ``samples`` backwards over the
+batch the next step trains on:
+
+* ``energy``: ||g_b||^2 of the batch-mean gradient g (what the ZO scalar's second moment sees);
+* ``signal``: <g_A,b, g_B,b> of the two halves' gradients, an unbiased estimate of the squared norm
+  of the expected gradient (minibatch noise has no bias in it);
+* ``trace``: tr(GN_b) of the batch-mean loss, GN = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i over
+  the choice logits: with Rademacher xi_i, the gradient G of (1/n) sum_i (M_i^(1/2) xi_i) . logits_i
+  has E ||G_b||^2 = tr(GN_b) / n, so each backward is one unbiased sample and their spread gives
+  the standard error reported beside the trace.
+
+The step length needs no new lr sweep: with the oracle's own numbers,
+
+    lr_S = kappa * lr_mezo * (||g||^2 tr H) / (||g_S||^2 tr H_S)
+
+gives the second-moment term of the descent lemma (lr^2 E[u^T H u], about lr^2 ||g_S||^2 tr H_S
+for u = g z_S) the size it has in dense MeZO at the lr the ``long`` profile selected on dev, so
+``kappa = 1`` is "as much noise per step as MeZO, spent on the best directions".
+
+Measured (seed 0, k = 4, refresh 25): that rule is not a stable step. SST-2 started at 26x MeZO's
+lr, its measured GN trace grew from 674 to 2.5e5 in 25 steps and the run diverged at step 70
+(dev 0.58 at step 50 against zero-shot 0.56); MR started at 2.1x, its scale reached 4e6 once the
+chosen groups' measured energy fell to almost nothing, and it diverged at step 61. The step
+length has to be bounded (for instance by d/|S|, the random-subspace scaling law) before the
+oracle can say how much the block choice itself is worth.
+
+    python -m benchmarks.oracle run --task sst2 --kappa 1 --groups 4     # one run, resumable
+    python -m benchmarks.oracle report                                   # oracle.json + table
+
+One run per folder (``<out>/runs/<task>/<label>-s<seed>/``): a checkpoint at each evaluation
+(weights, best weights, counters), ``results.json`` when done (then the weights are deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks._common import RESULTS_DIR, format_table, quiet_transformers, write_json
+from curvzo import scoring
+from curvzo.config import TrainConfig
+from curvzo.divergence import DivergenceGuard
+from curvzo.finetune import active_blocks, build_training_optimizer, evaluate, setup, train_batch, weights_on_cpu
+
+OUT = RESULTS_DIR / "oracle"
+LONG_ACCURACY = RESULTS_DIR / "long" / "accuracy.json"
+
+#: MeZO's dev-selected lr per task in the ``long`` profile (benchmarks/results/long/accuracy.md).
+MEZO_LR = {"sst2": 5e-5, "mr": 1e-4, "cb": 5e-5, "boolq": 2e-4}
+
+#: The ``long`` protocol, so that runs compare with its finished MeZO rows.
+LONG = dict(steps=400, batch_size=16, max_length=64, num_train=1000, num_dev=100, num_test=300, eval_every=50)
+
+_LAYER = re.compile(r"(?:layers|h|layer)\.(\d+)\.")
+ALWAYS = "norm"  # the group perturbed at every step (norm gains and biases: vectors)
+
+
+# ------------------------------------------------------------------------------------ groups
+def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
+    """The oracle's group of a trainable tensor: ``embed`` (tied embedding / LM head), ``norm``
+    (every vector), ``L<i>.attn`` / ``L<i>.mlp`` (a decoder layer's halves), else the name."""
+    if param is embedding:
+        return "embed"
+    if param.dim() < 2:
+        return ALWAYS
+    match = _LAYER.search(name)
+    if match is None:
+        return name
+    kind = "attn" if "attn" in name else "mlp" if "mlp" in name else "other"
+    return f"L{int(match.group(1)):02d}.{kind}"
+
+
+def group_names(named: Sequence[tuple[str, torch.nn.Parameter]], embedding: torch.Tensor) -> list[str]:
+    return [group_of(name, p, embedding) for name, p in named]
+
+
+def by_group(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
+    """Sum per-tensor values into their groups."""
+    out: dict[str, float] = {}
+    for value, group in zip(values, groups):
+        out[group] = out.get(group, 0.0) + float(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ the measurement
+def _sq_norms(grads: Sequence[torch.Tensor]) -> list[float]:
+    return [float(g.double().pow(2).sum()) for g in grads]
+
+
+def _sqrt_fisher(p: torch.Tensor) -> torch.Tensor:
+    """Symmetric square roots of diag(p_i) - p_i p_i^T (one C x C matrix per example)."""
+    m = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    values, vectors = torch.linalg.eigh(m.double())
+    return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
+
+
+def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: Any, samples: int,
+            gen: torch.Generator) -> dict[str, list]:
+    """Per-tensor ``energy``, ``signal`` and ``trace`` samples (see the module docstring) on ``batch``."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        logits = scoring.classification_logits(model, batch)
+        n = logits.shape[0]
+        half = n // 2
+        targets = batch.targets
+        halves = []
+        for part in (slice(0, half), slice(half, n)):
+            loss = torch.nn.functional.cross_entropy(logits[part], targets[part])
+            halves.append([g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        roots = _sqrt_fisher(torch.softmax(logits.detach().double(), dim=-1)).float()
+        traces = []
+        for s in range(samples):
+            xi = torch.randint(0, 2, logits.shape, generator=gen).float() * 2.0 - 1.0
+            probe = (torch.einsum("icd,id->ic", roots, xi) * logits).sum() / n
+            grads = torch.autograd.grad(probe, params, retain_graph=s < samples - 1)
+            traces.append([n * v for v in _sq_norms(grads)])
+    weight_a, weight_b = half / n, (n - half) / n
+    energy = _sq_norms([weight_a * a + weight_b * b for a, b in zip(*halves)])
+    signal = [float((a.double() * b.double()).sum()) for a, b in zip(*halves)]
+    return {"energy": energy, "signal": signal, "trace_samples": traces}
+
+
+def group_stats(m: dict[str, list], groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per-group energy, signal, trace and the trace's standard error over the probe samples."""
+    energy, signal = by_group(m["energy"], groups), by_group(m["signal"], groups)
+    per_sample = [by_group(sample, groups) for sample in m["trace_samples"]]
+    out = {}
+    for g in energy:
+        values = [s[g] for s in per_sample]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+        out[g] = {"energy": energy[g], "signal": signal[g], "trace": mean,
+                  "trace_se": math.sqrt(var / len(values))}
+    return out
+
+
+def gsl_ratio(stats: dict[str, float]) -> float:
+    """Gradient signal per unit of curvature (0 where the signal estimate is not positive)."""
+    return max(0.0, stats["signal"]) / max(stats["trace"], 1e-30)
+
+
+def choose(stats: dict[str, dict[str, float]], k: int) -> list[str]:
+    """The ``k`` groups with the largest GSL ratio (the norm group is always added by the caller)."""
+    ranked = sorted((g for g in stats if g != ALWAYS), key=lambda g: gsl_ratio(stats[g]), reverse=True)
+    return ranked[:k]
+
+
+def step_scale(stats: dict[str, dict[str, float]], chosen: Sequence[str]) -> float:
+    """(||g||^2 tr H) / (||g_S||^2 tr H_S): the factor on MeZO's lr for the subspace S."""
+    total_e = sum(s["energy"] for s in stats.values())
+    total_t = sum(s["trace"] for s in stats.values())
+    sub = [*chosen, ALWAYS] if ALWAYS in stats else list(chosen)
+    sub_e = sum(stats[g]["energy"] for g in sub)
+    sub_t = sum(stats[g]["trace"] for g in sub)
+    return (total_e * total_t) / max(sub_e * sub_t, 1e-30)
+
+
+# ------------------------------------------------------------------------------------ one run
+@dataclass(frozen=True)
+class Spec:
+    task: str
+    seed: int
+    kappa: float
+    groups: int
+    refresh: int = 25
+    samples: int = 4
+    policy: str = "gsl"  # "gsl" (oracle) or "random" (the same subspace update on random groups)
+    steps: int = LONG["steps"]
+    data_dir: str = "../shared/data"
+    model: str = "smollm2-135m"
+
+    @property
+    def label(self) -> str:
+        steps = "" if self.steps == LONG["steps"] else f"-n{self.steps}"
+        return f"{self.policy}-k{self.groups}-kappa{self.kappa:g}-r{self.refresh}{steps}"
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / self.task / f"{self.label}-s{self.seed}"
+
+
+def _config(spec: Spec) -> TrainConfig:
+    return TrainConfig(model=spec.model, task=spec.task, data_dir=spec.data_dir, method="mezo", seed=spec.seed,
+                       lr=MEZO_LR[spec.task], embedding_rows=True, rounding="nearest", **{**LONG, "steps": spec.steps})
+
+
+def _mask(optimizer: Any, named: Sequence[tuple[str, torch.nn.Parameter]], groups: Sequence[str],
+          chosen: set[str], rows: torch.Tensor | None) -> torch.Tensor:
+    """Blocks of the chosen groups; of the embedding, only the rows the batch can use."""
+    mask = torch.zeros(len(optimizer.blocks), dtype=torch.bool)
+    for (_, p), g in zip(named, groups):
+        if g in chosen:
+            mask[optimizer.blocks_of(p)] = True
+    if rows is not None:
+        mask &= rows
+    return mask
+
+
+def _select(spec: Spec, stats: dict[str, dict[str, float]], step: int) -> list[str]:
+    if spec.policy == "gsl":
+        return choose(stats, spec.groups)
+    names = sorted(g for g in stats if g != ALWAYS)
+    gen = torch.Generator().manual_seed(spec.seed * 7919 + step)
+    return [names[i] for i in torch.randperm(len(names), generator=gen)[: spec.groups].tolist()]
+
+
+def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]:
+    """Train one oracle run (resuming from its checkpoint) and write its ``results.json``."""
+    folder = spec.folder(out)
+    if (folder / "results.json").exists():
+        return json.loads((folder / "results.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = _config(spec)
+    task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
+    optimizer = build_training_optimizer(cfg, model, named)
+    embedding = model.get_input_embeddings().weight
+    groups = group_names(named, embedding)
+    params = [p for _, p in named]
+    state = _resume(folder, named, optimizer)
+    if state is None:
+        state = {"step": 0, "forward_passes": 0, "evals": [], "measurements": [], "best_dev": None,
+                 "best_step": 0, "wall_time_s": 0.0, "measure_time_s": 0.0, "guard": {}}
+        state["zero_shot"] = state["best_dev"] = evaluate(model, tokenizer, task, dev_set, cfg)
+        save_file(weights_on_cpu(named), folder / "best.safetensors")
+    guard = DivergenceGuard(**state["guard"]) if state["guard"] else DivergenceGuard()
+    gen = torch.Generator().manual_seed(10_007 * spec.seed + 1)
+    chosen, lr = None, None
+    diverged = None
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        if chosen is None or step % spec.refresh == 0:
+            chosen, lr = _refresh(spec, state, model, tokenizer, params, groups, train_set, cfg, gen, step)
+        clock = time.perf_counter()
+        batch = scoring.encode(tokenizer, train_batch(train_set, step, cfg), max_length=cfg.max_length)
+        mask = _mask(optimizer, named, groups, set(chosen) | {ALWAYS}, active_blocks(optimizer, model, batch))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = optimizer.step(lambda: scoring.classification_loss(model, batch), active=mask)
+        state["step"] += 1
+        state["forward_passes"] += 2 * cfg.batch_size
+        state["wall_time_s"] += time.perf_counter() - clock
+        if progress and state["step"] % 10 == 0:
+            print(f"{spec.task} {spec.label} s{spec.seed} step {state['step']} loss {loss:.4f} lr {lr:.3g}",
+                  file=sys.stderr, flush=True)
+        if guard.update(loss):
+            diverged = f"step {state['step']}: {guard.describe()}"
+            break
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            dev = evaluate(model, tokenizer, task, dev_set, cfg)
+            state["evals"].append({"step": state["step"], "forward_passes": state["forward_passes"], "dev": dev})
+            if dev > state["best_dev"]:
+                state["best_dev"], state["best_step"] = dev, state["step"]
+                save_file(weights_on_cpu(named), folder / "best.safetensors")
+            state["guard"] = guard.state_dict()
+            _checkpoint(folder, named, optimizer, state)
+    _load(named, load_file(folder / "best.safetensors"))
+    test = evaluate(model, tokenizer, task, test_set, cfg)
+    results = {"task": spec.task, "seed": spec.seed, "label": spec.label, "policy": spec.policy,
+               "kappa": spec.kappa, "groups": spec.groups, "refresh": spec.refresh, "samples": spec.samples,
+               "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"], "best_dev": state["best_dev"],
+               "best_step": state["best_step"], "test": test, "steps": state["step"],
+               "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
+               "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
+               "measurements": state["measurements"], **({"diverged": diverged} if diverged else {})}
+    write_json(folder / "results.json", results)
+    for name in ("best.safetensors", "checkpoint.safetensors", "checkpoint.pt"):
+        (folder / name).unlink(missing_ok=True)
+    return results
+
+
+def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, params: list,
+             groups: list[str], train_set: list, cfg: TrainConfig, gen: torch.Generator,
+             step: int) -> tuple[list[str], float]:
+    """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr."""
+    done = {m["step"]: m for m in state["measurements"]}
+    block = step - step % spec.refresh
+    if block not in done:
+        clock = time.perf_counter()
+        examples = train_batch(train_set, block, cfg)
+        batch = scoring.encode(tokenizer, examples, max_length=cfg.max_length)
+        stats = group_stats(measure(model, params, batch, spec.samples, gen), groups)
+        chosen = _select(spec, stats, block)
+        scale = step_scale(stats, chosen)
+        done[block] = {"step": block, "stats": stats, "chosen": chosen, "scale": scale}
+        state["measurements"].append(done[block])
+        state["measure_time_s"] += time.perf_counter() - clock
+    entry = done[block]
+    return entry["chosen"], spec.kappa * MEZO_LR[spec.task] * entry["scale"]
+
+
+def _checkpoint(folder: Path, named: list, optimizer: Any, state: dict[str, Any]) -> None:
+    save_file(weights_on_cpu(named), folder / "checkpoint.tmp.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "state": state}, folder / "checkpoint.tmp.pt")
+    (folder / "checkpoint.tmp.safetensors").replace(folder / "checkpoint.safetensors")
+    (folder / "checkpoint.tmp.pt").replace(folder / "checkpoint.pt")
+
+
+def _resume(folder: Path, named: list, optimizer: Any) -> dict[str, Any] | None:
+    if not (folder / "checkpoint.pt").exists():
+        return None
+    saved = torch.load(folder / "checkpoint.pt", weights_only=False)
+    _load(named, load_file(folder / "checkpoint.safetensors"))
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved["state"]
+
+
+def _load(named: list, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(weights[name])
+
+
+# ------------------------------------------------------------------------------------ command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.oracle", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="one oracle run (resumable)")
+    one.add_argument("--task", choices=sorted(MEZO_LR), required=True)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--kappa", type=float, default=1.0)
+    one.add_argument("--groups", type=int, default=4)
+    one.add_argument("--refresh", type=int, default=25)
+    one.add_argument("--samples", type=int, default=4)
+    one.add_argument("--policy", choices=("gsl", "random"), default="gsl")
+    one.add_argument("--steps", type=int, default=LONG["steps"], help="fewer for a smoke test")
+    one.add_argument("--data-dir", default="../shared/data")
+    one.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    if args.command == "run":
+        spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
+                    samples=args.samples, policy=args.policy, steps=args.steps, data_dir=args.data_dir)
+        result = run(spec, args.out)
+        print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The oracle benchmark's backprop measurements against their definitions, on a tiny model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tiny import tiny_model, tokenizer
+
+from benchmarks.oracle import ALWAYS, choose, group_names, group_stats, measure, step_scale
+from curvzo import scoring
+
+
+@dataclass(frozen=True)
+class Ex:
+    prompt: str
+    choices: tuple[str, ...]
+    target: int
+    answers: tuple[str, ...] = ()
+
+
+CHOICES = (" yes", " no", " maybe")
+EXAMPLES = [
+    Ex("Is the sky blue? Answer:", CHOICES, 0),
+    Ex("Is fire cold? Answer:", CHOICES, 1),
+    Ex("Will it rain tomorrow? Answer:", CHOICES, 2),
+    Ex("Do fish swim? Answer:", CHOICES, 0),
+    Ex("Can stones fly? Answer:", CHOICES, 1),
+    Ex("Is the movie good? Answer:", CHOICES, 2),
+]
+
+
+def _setup() -> tuple[torch.nn.Module, list[torch.nn.Parameter], scoring.Batch]:
+    model = tiny_model("llama", seed=3, tie_word_embeddings=True)
+    batch = scoring.encode(tokenizer(), EXAMPLES, max_length=32)
+    return model, [p for p in model.parameters() if p.requires_grad], batch
+
+
+def _exact_gn_trace(model: torch.nn.Module, params: list, batch: scoring.Batch) -> list[float]:
+    """tr(GN_b) = (1/n) sum_i sum_cc' M_i[c,c'] <d logit_ic, d logit_ic'>, from per-logit gradients."""
+    with torch.enable_grad():
+        logits = scoring.classification_logits(model, batch)
+        n, c = logits.shape
+        p = torch.softmax(logits.detach().double(), -1)
+        total = [0.0] * len(params)
+        for i in range(n):
+            rows = [torch.autograd.grad(logits[i, k], params, retain_graph=True) for k in range(c)]
+            m = torch.diag(p[i]) - torch.outer(p[i], p[i])
+            for b in range(len(params)):
+                gram = torch.stack([torch.stack([(rows[k][b].double() * rows[j][b].double()).sum() for j in range(c)])
+                                    for k in range(c)])
+                total[b] += float((m * gram).sum()) / n
+    return total
+
+
+def test_energy_and_signal_are_the_batch_and_half_batch_gradients() -> None:
+    model, params, batch = _setup()
+    measured = measure(model, params, batch, samples=1, gen=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        logits = scoring.classification_logits(model, batch)
+        full = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, batch.targets), params, retain_graph=True)
+        a = torch.autograd.grad(torch.nn.functional.cross_entropy(logits[:3], batch.targets[:3]), params, retain_graph=True)
+        b = torch.autograd.grad(torch.nn.functional.cross_entropy(logits[3:], batch.targets[3:]), params)
+    for i in range(len(params)):
+        assert math.isclose(measured["energy"][i], float(full[i].double().pow(2).sum()), rel_tol=1e-4, abs_tol=1e-12)
+        assert math.isclose(measured["signal"][i], float((a[i].double() * b[i].double()).sum()), rel_tol=1e-4, abs_tol=1e-12)
+
+
+def test_the_probe_trace_is_an_unbiased_estimate_of_the_gauss_newton_trace() -> None:
+    model, params, batch = _setup()
+    exact = _exact_gn_trace(model, params, batch)
+    samples = measure(model, params, batch, samples=40, gen=torch.Generator().manual_seed(1))["trace_samples"]
+    names = [str(i) for i in range(len(params))]
+    stats = group_stats({"energy": [0.0] * len(params), "signal": [0.0] * len(params), "trace_samples": samples}, names)
+    checked = 0
+    for i, name in enumerate(names):
+        if exact[i] < 1e-10:
+            continue
+        checked += 1
+        assert abs(stats[name]["trace"] - exact[i]) <= 4 * stats[name]["trace_se"] + 1e-9, (i, stats[name], exact[i])
+    assert checked >= len(params) // 2
+
+
+def test_groups_choose_by_signal_per_curvature_and_scale_the_step_by_the_second_moment() -> None:
+    model, params, _ = _setup()
+    names = [name for name, _ in model.named_parameters()]
+    groups = group_names(list(model.named_parameters()), model.get_input_embeddings().weight)
+    assert groups[names.index("model.embed_tokens.weight")] == "embed"
+    assert groups[names.index("model.layers.1.mlp.up_proj.weight")] == "L01.mlp"
+    assert groups[names.index("model.layers.0.self_attn.q_proj.weight")] == "L00.attn"
+    assert groups[names.index("model.norm.weight")] == ALWAYS
+    stats = {
+        "a": {"energy": 4.0, "signal": 3.0, "trace": 1.0},   # ratio 3
+        "b": {"energy": 1.0, "signal": -0.5, "trace": 0.1},  # negative signal: ratio 0
+        "c": {"energy": 2.0, "signal": 1.0, "trace": 2.0},   # ratio 0.5
+        ALWAYS: {"energy": 0.0, "signal": 0.0, "trace": 1.0},
+    }
+    assert choose(stats, 2) == ["a", "c"]
+    assert math.isclose(step_scale(stats, ["a"]), (7.0 * 4.1) / (4.0 * 2.0))
