@@ -1,14 +1,18 @@
 """CurvZO as a plain PyTorch optimizer: the closure returns the loss, and there is no backward.
 
-    python examples/plain_pytorch.py                  # SmolLM2-135M
-    MODEL=path/to/model STEPS=5 python examples/plain_pytorch.py
+    python examples/plain_pytorch.py                  # SmolLM2-135M, 20 steps
+    STEPS=5 python examples/plain_pytorch.py          # 5 steps
+
+``MODEL`` names another model (an alias, a hub id or a local folder).
 """
 
 import os
 
 import curvzo
+from curvzo.errors import reported
 
-model, tokenizer = curvzo.load_model(os.environ.get("MODEL", "smollm2-135m"))
+with reported():  # a model that cannot be found or fetched: one line, exit code 2
+    model, tokenizer = curvzo.load_model(os.environ.get("MODEL", "smollm2-135m"))
 model.eval()  # dropout off: the two perturbed forwards must evaluate the same function
 texts = ["The film was a delight from start to finish.", "A dull, lifeless and overlong movie."]
 batch = tokenizer(texts, return_tensors="pt", padding=True)

@@ -70,13 +70,23 @@ def test_every_public_class_and_function_has_a_docstring(module: str) -> None:
     assert not missing
 
 
-def test_the_readme_generated_blocks_are_their_result_files_rendered() -> None:
-    """README.md copies result tables; `python -m benchmarks.readme` rewrites them."""
+def test_the_generated_blocks_are_their_result_files_rendered() -> None:
+    """README.md and docs/results.md copy result tables; `python -m benchmarks.readme` rewrites them."""
     from benchmarks import readme
 
+    kinds = set()
+    for page in readme.PAGES:
+        text = page.read_text()
+        kinds |= {m.group(1) for m in readme.BLOCK.finditer(text)}
+        assert readme.render(text) == text, f"{page.name}'s generated blocks are stale: run python -m benchmarks.readme"
+    assert kinds == set(readme.RENDERERS)
+    assert readme.main(["--check"]) == 0
+
+
+def test_the_readme_is_short_and_its_summary_is_generated() -> None:
     text = (REPO / "README.md").read_text()
-    assert {m.group(1) for m in readme.BLOCK.finditer(text)} == set(readme.RENDERERS)
-    assert readme.render(text) == text, "README.md's generated blocks are stale: run python -m benchmarks.readme"
+    assert len(text.splitlines()) <= 220
+    assert "<!-- accuracy-table:begin benchmarks/results/long/accuracy.md -->\n| method |" in text
 
 
 def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> None:
