@@ -34,7 +34,8 @@ from curvzo.model_options import DTYPES, torch_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-DEFAULT_DATA_DIR = Path(os.environ.get("CURVZO_DATA_DIR", "/work/shared/data"))
+#: The task data: ``$CURVZO_DATA_DIR``, else the project layout, ``<checkout>/../shared/data``.
+DEFAULT_DATA_DIR = Path(os.environ.get("CURVZO_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
 
 #: Random-initialised models of real shapes (no weights needed): speed and memory only.
 ARCH_CONFIGS: dict[str, dict[str, Any]] = {
