@@ -19,18 +19,19 @@ batch the next step trains on:
 
 The step length needs no new lr sweep: with the oracle's own numbers,
 
-    lr_S = kappa * lr_mezo * (||g||^2 tr H) / (||g_S||^2 tr H_S)
+    lr_S = kappa * lr_mezo * min( sqrt((||g||^2 tr H) / (||g_S||^2 tr H_S)),  d / |S| )
 
 gives the second-moment term of the descent lemma (lr^2 E[u^T H u], about lr^2 ||g_S||^2 tr H_S
 for u = g z_S) the size it has in dense MeZO at the lr the ``long`` profile selected on dev, so
-``kappa = 1`` is "as much noise per step as MeZO, spent on the best directions".
+``kappa = 1`` is "as much noise per step as MeZO, spent on the best directions". For a random S
+both terms are the random-subspace law d/|S|; the cap keeps a set whose measured energy has
+collapsed from taking a step no random set of its size would take. A run that diverges resumes
+from its last checkpoint with kappa halved (at most ``MAX_BACKOFFS`` times), so every run ends
+with the largest stable multiple of its rule that it found, and says so.
 
-Measured (seed 0, k = 4, refresh 25): that rule is not a stable step. SST-2 started at 26x MeZO's
-lr, its measured GN trace grew from 674 to 2.5e5 in 25 steps and the run diverged at step 70
-(dev 0.58 at step 50 against zero-shot 0.56); MR started at 2.1x, its scale reached 4e6 once the
-chosen groups' measured energy fell to almost nothing, and it diverged at step 61. The step
-length has to be bounded (for instance by d/|S|, the random-subspace scaling law) before the
-oracle can say how much the block choice itself is worth.
+The squared rule, (||g||^2 tr H)/(||g_S||^2 tr H_S) without the root, is rejected: it is 1/f^2 for
+a random fraction f, and both of its runs (seed 0, k = 4, norm gains on) diverged, SST-2 at step
+70 from 26x MeZO's lr and MR at step 61 (rejected/squared-scale/).
 
     python -m benchmarks.oracle run --task sst2 --kappa 1 --groups 4     # one run, resumable
     python -m benchmarks.oracle report                                   # oracle.json + table
@@ -71,8 +72,11 @@ MEZO_LR = {"sst2": 5e-5, "mr": 1e-4, "cb": 5e-5, "boolq": 2e-4}
 #: The ``long`` protocol, so that runs compare with its finished MeZO rows.
 LONG = dict(steps=400, batch_size=16, max_length=64, num_train=1000, num_dev=100, num_test=300, eval_every=50)
 
+#: How many times a diverged run resumes from its last checkpoint with kappa halved.
+MAX_BACKOFFS = 4
+
 _LAYER = re.compile(r"(?:layers|h|layer)\.(\d+)\.")
-ALWAYS = "norm"  # the group perturbed at every step (norm gains and biases: vectors)
+NORM = "norm"  # norm gains and biases (vectors): perturbed at every step, or never (``Spec.norm``)
 
 
 # ------------------------------------------------------------------------------------ groups
@@ -82,7 +86,7 @@ def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
     if param is embedding:
         return "embed"
     if param.dim() < 2:
-        return ALWAYS
+        return NORM
     match = _LAYER.search(name)
     if match is None:
         return name
@@ -92,6 +96,13 @@ def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
 
 def group_names(named: Sequence[tuple[str, torch.nn.Parameter]], embedding: torch.Tensor) -> list[str]:
     return [group_of(name, p, embedding) for name, p in named]
+
+
+def group_numel(named: Sequence[tuple[str, torch.nn.Parameter]], groups: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (_, p), group in zip(named, groups):
+        out[group] = out.get(group, 0) + p.numel()
+    return out
 
 
 def by_group(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
@@ -161,18 +172,18 @@ def gsl_ratio(stats: dict[str, float]) -> float:
 
 def choose(stats: dict[str, dict[str, float]], k: int) -> list[str]:
     """The ``k`` groups with the largest GSL ratio (the norm group is always added by the caller)."""
-    ranked = sorted((g for g in stats if g != ALWAYS), key=lambda g: gsl_ratio(stats[g]), reverse=True)
+    ranked = sorted((g for g in stats if g != NORM), key=lambda g: gsl_ratio(stats[g]), reverse=True)
     return ranked[:k]
 
 
-def step_scale(stats: dict[str, dict[str, float]], chosen: Sequence[str]) -> float:
-    """(||g||^2 tr H) / (||g_S||^2 tr H_S): the factor on MeZO's lr for the subspace S."""
+def step_scale(stats: dict[str, dict[str, float]], numel: dict[str, int], sub: Sequence[str]) -> float:
+    """The factor on MeZO's lr for the subspace ``sub`` (the module docstring's rule)."""
     total_e = sum(s["energy"] for s in stats.values())
     total_t = sum(s["trace"] for s in stats.values())
-    sub = [*chosen, ALWAYS] if ALWAYS in stats else list(chosen)
     sub_e = sum(stats[g]["energy"] for g in sub)
     sub_t = sum(stats[g]["trace"] for g in sub)
-    return (total_e * total_t) / max(sub_e * sub_t, 1e-30)
+    equal_noise = math.sqrt((total_e * total_t) / max(sub_e * sub_t, 1e-30))
+    return min(equal_noise, sum(numel.values()) / sum(numel[g] for g in sub))
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -185,6 +196,7 @@ class Spec:
     refresh: int = 25
     samples: int = 4
     policy: str = "gsl"  # "gsl" (oracle) or "random" (the same subspace update on random groups)
+    norm: bool = False  # whether the norm gains are perturbed at every step
     steps: int = LONG["steps"]
     data_dir: str = "../shared/data"
     model: str = "smollm2-135m"
@@ -192,7 +204,8 @@ class Spec:
     @property
     def label(self) -> str:
         steps = "" if self.steps == LONG["steps"] else f"-n{self.steps}"
-        return f"{self.policy}-k{self.groups}-kappa{self.kappa:g}-r{self.refresh}{steps}"
+        norm = "-norm" if self.norm else ""
+        return f"{self.policy}-k{self.groups}{norm}-kappa{self.kappa:g}-r{self.refresh}{steps}"
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.task / f"{self.label}-s{self.seed}"
@@ -216,11 +229,14 @@ def _mask(optimizer: Any, named: Sequence[tuple[str, torch.nn.Parameter]], group
 
 
 def _select(spec: Spec, stats: dict[str, dict[str, float]], step: int) -> list[str]:
+    """The perturbed groups of the steps from ``step``: the chosen ones, plus the norm gains if on."""
     if spec.policy == "gsl":
-        return choose(stats, spec.groups)
-    names = sorted(g for g in stats if g != ALWAYS)
-    gen = torch.Generator().manual_seed(spec.seed * 7919 + step)
-    return [names[i] for i in torch.randperm(len(names), generator=gen)[: spec.groups].tolist()]
+        chosen = choose(stats, spec.groups)
+    else:
+        names = sorted(g for g in stats if g != NORM)
+        gen = torch.Generator().manual_seed(spec.seed * 7919 + step)
+        chosen = [names[i] for i in torch.randperm(len(names), generator=gen)[: spec.groups].tolist()]
+    return [*chosen, NORM] if spec.norm and NORM in stats else chosen
 
 
 def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]:
@@ -232,26 +248,26 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     cfg = _config(spec)
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
-    embedding = model.get_input_embeddings().weight
-    groups = group_names(named, embedding)
+    groups = group_names(named, model.get_input_embeddings().weight)
+    numel = group_numel(named, groups)
     params = [p for _, p in named]
     state = _resume(folder, named, optimizer)
     if state is None:
         state = {"step": 0, "forward_passes": 0, "evals": [], "measurements": [], "best_dev": None,
-                 "best_step": 0, "wall_time_s": 0.0, "measure_time_s": 0.0, "guard": {}}
+                 "best_step": 0, "wall_time_s": 0.0, "measure_time_s": 0.0, "guard": {}, "backoffs": []}
         state["zero_shot"] = state["best_dev"] = evaluate(model, tokenizer, task, dev_set, cfg)
         save_file(weights_on_cpu(named), folder / "best.safetensors")
+        _checkpoint(folder, named, optimizer, state)
     guard = DivergenceGuard(**state["guard"]) if state["guard"] else DivergenceGuard()
-    gen = torch.Generator().manual_seed(10_007 * spec.seed + 1)
     chosen, lr = None, None
     diverged = None
     while state["step"] < cfg.steps:
         step = state["step"]
         if chosen is None or step % spec.refresh == 0:
-            chosen, lr = _refresh(spec, state, model, tokenizer, params, groups, train_set, cfg, gen, step)
+            chosen, lr = _refresh(spec, state, model, tokenizer, params, groups, numel, train_set, cfg, step)
         clock = time.perf_counter()
         batch = scoring.encode(tokenizer, train_batch(train_set, step, cfg), max_length=cfg.max_length)
-        mask = _mask(optimizer, named, groups, set(chosen) | {ALWAYS}, active_blocks(optimizer, model, batch))
+        mask = _mask(optimizer, named, groups, set(chosen), active_blocks(optimizer, model, batch))
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = optimizer.step(lambda: scoring.classification_loss(model, batch), active=mask)
@@ -263,7 +279,12 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
                   file=sys.stderr, flush=True)
         if guard.update(loss):
             diverged = f"step {state['step']}: {guard.describe()}"
-            break
+            if len(state["backoffs"]) == MAX_BACKOFFS:
+                break
+            state = _back_off(folder, named, optimizer, state, diverged)
+            guard = DivergenceGuard(**state["guard"]) if state["guard"] else DivergenceGuard()
+            chosen, diverged = None, None
+            continue
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             dev = evaluate(model, tokenizer, task, dev_set, cfg)
             state["evals"].append({"step": state["step"], "forward_passes": state["forward_passes"], "dev": dev})
@@ -275,9 +296,10 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     _load(named, load_file(folder / "best.safetensors"))
     test = evaluate(model, tokenizer, task, test_set, cfg)
     results = {"task": spec.task, "seed": spec.seed, "label": spec.label, "policy": spec.policy,
-               "kappa": spec.kappa, "groups": spec.groups, "refresh": spec.refresh, "samples": spec.samples,
-               "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"], "best_dev": state["best_dev"],
-               "best_step": state["best_step"], "test": test, "steps": state["step"],
+               "kappa": spec.kappa, "kappa_final": spec.kappa * 0.5 ** len(state["backoffs"]),
+               "backoffs": state["backoffs"], "groups": spec.groups, "norm": spec.norm, "refresh": spec.refresh,
+               "samples": spec.samples, "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"],
+               "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
                "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
                "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
                "measurements": state["measurements"], **({"diverged": diverged} if diverged else {})}
@@ -287,24 +309,43 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     return results
 
 
+def _back_off(folder: Path, named: list, optimizer: Any, diverged: dict[str, Any], why: str) -> dict[str, Any]:
+    """Return to the last checkpoint with one more halving of kappa recorded (the best weights so
+    far stay: they were reached before the divergence). The forwards and time spent past the
+    checkpoint are recorded with it, so the run's cost can be counted with or without them."""
+    state = _resume(folder, named, optimizer)
+    assert state is not None, "a run checkpoints before its first step"
+    state["backoffs"] = [*diverged["backoffs"], {
+        "from_step": state["step"], "why": why,
+        "forward_passes_discarded": diverged["forward_passes"] - state["forward_passes"],
+        "wall_time_s_discarded": round(diverged["wall_time_s"] - state["wall_time_s"], 1)}]
+    print(f"{folder.name}: diverged ({why}); back to step {state['step']} with kappa x 0.5",
+          file=sys.stderr, flush=True)
+    return state
+
+
 def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, params: list,
-             groups: list[str], train_set: list, cfg: TrainConfig, gen: torch.Generator,
+             groups: list[str], numel: dict[str, int], train_set: list, cfg: TrainConfig,
              step: int) -> tuple[list[str], float]:
-    """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr."""
+    """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr.
+
+    The probes of each measurement have their own generator, a function of (seed, step), so a
+    resumed run measures what the uninterrupted one would have."""
     done = {m["step"]: m for m in state["measurements"]}
     block = step - step % spec.refresh
     if block not in done:
         clock = time.perf_counter()
         examples = train_batch(train_set, block, cfg)
         batch = scoring.encode(tokenizer, examples, max_length=cfg.max_length)
+        gen = torch.Generator().manual_seed(10_007 * spec.seed + block + 1)
         stats = group_stats(measure(model, params, batch, spec.samples, gen), groups)
         chosen = _select(spec, stats, block)
-        scale = step_scale(stats, chosen)
-        done[block] = {"step": block, "stats": stats, "chosen": chosen, "scale": scale}
+        done[block] = {"step": block, "stats": stats, "chosen": chosen, "scale": step_scale(stats, numel, chosen)}
         state["measurements"].append(done[block])
         state["measure_time_s"] += time.perf_counter() - clock
     entry = done[block]
-    return entry["chosen"], spec.kappa * MEZO_LR[spec.task] * entry["scale"]
+    kappa = spec.kappa * 0.5 ** len(state["backoffs"])
+    return entry["chosen"], kappa * MEZO_LR[spec.task] * entry["scale"]
 
 
 def _checkpoint(folder: Path, named: list, optimizer: Any, state: dict[str, Any]) -> None:
@@ -341,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--refresh", type=int, default=25)
     one.add_argument("--samples", type=int, default=4)
     one.add_argument("--policy", choices=("gsl", "random"), default="gsl")
+    one.add_argument("--norm", action="store_true", help="perturb the norm gains at every step")
     one.add_argument("--steps", type=int, default=LONG["steps"], help="fewer for a smoke test")
     one.add_argument("--data-dir", default="../shared/data")
     one.add_argument("--out", type=Path, default=OUT)
@@ -348,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     if args.command == "run":
         spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
-                    samples=args.samples, policy=args.policy, steps=args.steps, data_dir=args.data_dir)
+                    samples=args.samples, policy=args.policy, norm=args.norm, steps=args.steps, data_dir=args.data_dir)
         result = run(spec, args.out)
         print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tiny import tiny_model, tokenizer
 
-from benchmarks.oracle import ALWAYS, choose, group_names, group_stats, measure, step_scale
+from benchmarks.oracle import NORM, choose, group_names, group_stats, measure, step_scale
 from curvzo import scoring
 
 
@@ -82,19 +82,25 @@ def test_the_probe_trace_is_an_unbiased_estimate_of_the_gauss_newton_trace() -> 
     assert checked >= len(params) // 2
 
 
-def test_groups_choose_by_signal_per_curvature_and_scale_the_step_by_the_second_moment() -> None:
+def test_groups_choose_by_signal_per_curvature_and_scale_the_step_to_equal_noise_within_the_subspace_law() -> None:
     model, params, _ = _setup()
     names = [name for name, _ in model.named_parameters()]
     groups = group_names(list(model.named_parameters()), model.get_input_embeddings().weight)
     assert groups[names.index("model.embed_tokens.weight")] == "embed"
     assert groups[names.index("model.layers.1.mlp.up_proj.weight")] == "L01.mlp"
     assert groups[names.index("model.layers.0.self_attn.q_proj.weight")] == "L00.attn"
-    assert groups[names.index("model.norm.weight")] == ALWAYS
+    assert groups[names.index("model.norm.weight")] == NORM
     stats = {
         "a": {"energy": 4.0, "signal": 3.0, "trace": 1.0},   # ratio 3
         "b": {"energy": 1.0, "signal": -0.5, "trace": 0.1},  # negative signal: ratio 0
         "c": {"energy": 2.0, "signal": 1.0, "trace": 2.0},   # ratio 0.5
-        ALWAYS: {"energy": 0.0, "signal": 0.0, "trace": 1.0},
+        NORM: {"energy": 0.0, "signal": 0.0, "trace": 1.0},
     }
     assert choose(stats, 2) == ["a", "c"]
-    assert math.isclose(step_scale(stats, ["a"]), (7.0 * 4.1) / (4.0 * 2.0))
+    numel = {"a": 1, "b": 1, "c": 1, NORM: 1}
+    assert math.isclose(step_scale(stats, numel, ["a", NORM]), math.sqrt((7.0 * 4.1) / (4.0 * 2.0)))
+    # a set whose measured energy and curvature are tiny takes no larger step than d/|S|
+    assert math.isclose(step_scale(stats, numel, ["b"]), 4.0)
+    # for a random fraction f of the energy and the curvature, the rule is the subspace law 1/f
+    even = {g: {"energy": 1.0, "signal": 1.0, "trace": 2.0} for g in "abcdefgh"}
+    assert math.isclose(step_scale(even, {g: 1 for g in even}, ["a", "b"]), 4.0)
