@@ -1,17 +1,20 @@
 """Oracle: how much a gradient-energy-per-curvature block choice can gain over MeZO.
 
-Backprop is allowed here, and only here. Every ``refresh`` steps the exact batch gradient and a
+Backprop is allowed here, and only here. Every ``refresh`` steps the exact batch gradients and a
 Gauss-Newton (GN) trace of each tensor are measured on the next training examples; the perturbed
 set S is the ``k`` groups (a decoder layer's attention or MLP, or the tied embedding) with the
-largest ratio of gradient signal to curvature (the Gauss-Southwell-Lipschitz rule), plus every
-norm gain; and the ZO step is the subspace update on S: MeZO on the blocks of S, with no 1/pi.
+largest ratio of gradient signal to curvature (the Gauss-Southwell-Lipschitz rule), plus the
+norm gains with ``--norm``; and the ZO step is the subspace update on S: MeZO on the blocks of S,
+with no 1/pi. ``--policy random`` takes the same update and step rule on random groups.
 
-Per tensor b the measurement gives, from one forward and 2 + ``samples`` backwards over the
+Per tensor b the measurement gives, from the next ``measure_batches`` training batches (one
+backward each, or two half-batch backwards when it is 1) and ``samples`` probe backwards over the
 batch the next step trains on:
 
-* ``energy``: ||g_b||^2 of the batch-mean gradient g (what the ZO scalar's second moment sees);
-* ``signal``: <g_A,b, g_B,b> of the two halves' gradients, an unbiased estimate of the squared norm
-  of the expected gradient (minibatch noise has no bias in it);
+* ``energy``: ||g_b||^2 of a training batch's mean gradient (what the ZO scalar's second moment
+  sees), averaged over the batches;
+* ``signal``: the all-pairs estimate of ||E g_b||^2 from the batches' (or halves') gradients, an
+  unbiased estimate of the squared norm of the expected gradient (minibatch noise has no bias in it);
 * ``trace``: tr(GN_b) of the batch-mean loss, GN = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i over
   the choice logits: with Rademacher xi_i, the gradient G of (1/n) sum_i (M_i^(1/2) xi_i) . logits_i
   has E ||G_b||^2 = tr(GN_b) / n, so each backward is one unbiased sample and their spread gives
@@ -46,7 +49,7 @@ import argparse
 import json
 import math
 import re
-import shutil
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -57,8 +60,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks._common import RESULTS_DIR, format_table, quiet_transformers, write_json
+from benchmarks._common import DEFAULT_DATA_DIR, RESULTS_DIR, format_table, quiet_transformers, save_figure, write_json
 from curvzo import scoring
+from curvzo.bench.report import forward_to_reach
 from curvzo.config import TrainConfig
 from curvzo.divergence import DivergenceGuard
 from curvzo.finetune import active_blocks, build_training_optimizer, evaluate, setup, train_batch, weights_on_cpu
@@ -125,19 +129,27 @@ def _sqrt_fisher(p: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp_min(0.0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
 
 
-def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: Any, samples: int,
-            gen: torch.Generator) -> dict[str, list]:
-    """Per-tensor ``energy``, ``signal`` and ``trace`` samples (see the module docstring) on ``batch``."""
-    model.zero_grad(set_to_none=True)
+def _part_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Any]):
+    """(examples, gradient of their mean label loss) per part: the two halves of a single batch, or
+    each of several batches."""
+    with torch.enable_grad():
+        if len(batches) > 1:
+            for batch in batches:
+                loss = torch.nn.functional.cross_entropy(scoring.classification_logits(model, batch), batch.targets)
+                yield batch.targets.shape[0], [g.detach() for g in torch.autograd.grad(loss, params)]
+            return
+        logits, targets = scoring.classification_logits(model, batches[0]), batches[0].targets
+        n = targets.shape[0]
+        for part in (slice(0, n // 2), slice(n // 2, n)):
+            loss = torch.nn.functional.cross_entropy(logits[part], targets[part])
+            yield part.stop - part.start, [g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)]
+
+
+def _trace_samples(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: Any, samples: int,
+                   gen: torch.Generator) -> list[list[float]]:
     with torch.enable_grad():
         logits = scoring.classification_logits(model, batch)
         n = logits.shape[0]
-        half = n // 2
-        targets = batch.targets
-        halves = []
-        for part in (slice(0, half), slice(half, n)):
-            loss = torch.nn.functional.cross_entropy(logits[part], targets[part])
-            halves.append([g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)])
         roots = _sqrt_fisher(torch.softmax(logits.detach().double(), dim=-1)).float()
         traces = []
         for s in range(samples):
@@ -145,10 +157,35 @@ def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: Any, 
             probe = (torch.einsum("icd,id->ic", roots, xi) * logits).sum() / n
             grads = torch.autograd.grad(probe, params, retain_graph=s < samples - 1)
             traces.append([n * v for v in _sq_norms(grads)])
-    weight_a, weight_b = half / n, (n - half) / n
-    energy = _sq_norms([weight_a * a + weight_b * b for a, b in zip(*halves)])
-    signal = [float((a.double() * b.double()).sum()) for a, b in zip(*halves)]
-    return {"energy": energy, "signal": signal, "trace_samples": traces}
+    return traces
+
+
+def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Any], samples: int,
+            gen: torch.Generator) -> dict[str, list]:
+    """Per-tensor ``energy``, ``signal`` and ``trace`` samples (see the module docstring).
+
+    ``batches[0]`` is the batch the next step trains on; the trace is probed there. The signal is
+    the all-pairs estimate of ||E g||^2 from the parts' gradients g_i with weights w_i (their
+    sizes), (||sum w_i g_i||^2 - sum w_i^2 ||g_i||^2) / sum_{i != j} w_i w_j: <g_A, g_B> for the
+    two halves of one batch, and far less noisy with m batches. The energy is what one step's batch
+    gradient carries: ||g||^2 of the single batch, or the mean of the m batches' ||g_i||^2.
+    """
+    total: list[torch.Tensor] = []
+    own, sizes, weight_sq = [0.0] * len(params), [], [0.0] * len(params)
+    for size, grads in _part_grads(model, params, batches):
+        norms = _sq_norms(grads)
+        own = [o + v for o, v in zip(own, norms)]
+        weight_sq = [o + size * size * v for o, v in zip(weight_sq, norms)]
+        sizes.append(size)
+        scaled = [size * g.double() for g in grads]
+        total = scaled if not total else [t.add_(x) for t, x in zip(total, scaled)]
+    n = sum(sizes)
+    pairs = n * n - sum(k * k for k in sizes)
+    sum_sq = [float(t.pow(2).sum()) for t in total]
+    signal = [(t - w) / pairs for t, w in zip(sum_sq, weight_sq)]
+    energy = [t / n**2 for t in sum_sq] if len(batches) == 1 else [o / len(sizes) for o in own]
+    return {"energy": energy, "signal": signal,
+            "trace_samples": _trace_samples(model, params, batches[0], samples, gen)}
 
 
 def group_stats(m: dict[str, list], groups: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -197,15 +234,17 @@ class Spec:
     samples: int = 4
     policy: str = "gsl"  # "gsl" (oracle) or "random" (the same subspace update on random groups)
     norm: bool = False  # whether the norm gains are perturbed at every step
+    measure_batches: int = 1  # training batches the signal and energy are measured on (from the next)
     steps: int = LONG["steps"]
-    data_dir: str = "../shared/data"
+    data_dir: str = str(DEFAULT_DATA_DIR)
     model: str = "smollm2-135m"
 
     @property
     def label(self) -> str:
         steps = "" if self.steps == LONG["steps"] else f"-n{self.steps}"
         norm = "-norm" if self.norm else ""
-        return f"{self.policy}-k{self.groups}{norm}-kappa{self.kappa:g}-r{self.refresh}{steps}"
+        batches = f"-m{self.measure_batches}" if self.measure_batches > 1 else ""
+        return f"{self.policy}-k{self.groups}{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.task / f"{self.label}-s{self.seed}"
@@ -298,7 +337,7 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     results = {"task": spec.task, "seed": spec.seed, "label": spec.label, "policy": spec.policy,
                "kappa": spec.kappa, "kappa_final": spec.kappa * 0.5 ** len(state["backoffs"]),
                "backoffs": state["backoffs"], "groups": spec.groups, "norm": spec.norm, "refresh": spec.refresh,
-               "samples": spec.samples, "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"],
+               "samples": spec.samples, "measure_batches": spec.measure_batches, "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"],
                "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
                "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
                "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
@@ -335,10 +374,10 @@ def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenize
     block = step - step % spec.refresh
     if block not in done:
         clock = time.perf_counter()
-        examples = train_batch(train_set, block, cfg)
-        batch = scoring.encode(tokenizer, examples, max_length=cfg.max_length)
+        batches = [scoring.encode(tokenizer, train_batch(train_set, block + i, cfg), max_length=cfg.max_length)
+                   for i in range(spec.measure_batches)]
         gen = torch.Generator().manual_seed(10_007 * spec.seed + block + 1)
-        stats = group_stats(measure(model, params, batch, spec.samples, gen), groups)
+        stats = group_stats(measure(model, params, batches, spec.samples, gen), groups)
         chosen = _select(spec, stats, block)
         done[block] = {"step": block, "stats": stats, "chosen": chosen, "scale": step_scale(stats, numel, chosen)}
         state["measurements"].append(done[block])
@@ -370,6 +409,135 @@ def _load(named: list, weights: dict[str, torch.Tensor]) -> None:
             p.copy_(weights[name])
 
 
+# ------------------------------------------------------------------------------------ the report
+def subset_gain(stats: dict[str, dict[str, float]], sub: Sequence[str]) -> float | None:
+    """Expected one-step decrease of the subspace update on ``sub`` over dense MeZO's, both at the
+    equal-noise step: (s_S / sqrt(E_S T_S)) / (s / sqrt(E T)), s the unbiased signal; None where
+    the measured dense signal is not positive (the measurement saw no gradient beyond batch noise)."""
+    def ratio(groups: Sequence[str]) -> float:
+        e = sum(stats[g]["energy"] for g in groups)
+        t = sum(stats[g]["trace"] for g in groups)
+        return sum(stats[g]["signal"] for g in groups) / math.sqrt(max(e * t, 1e-30))
+    dense = ratio(list(stats))
+    return ratio(sub) / dense if dense > 0 else None
+
+
+def selection_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well one measurement's choice holds up at the next one (another batch, 25 steps later):
+    the chosen set's predicted gain in sample and held out, and the rank correlation of the groups'
+    GSL ratios between consecutive measurements (the noise the choice is made through)."""
+    from scipy.stats import spearmanr
+
+    in_sample, held_out, rho = [], [], []
+    for now, later in zip(measurements, measurements[1:]):
+        in_sample.append(subset_gain(now["stats"], now["chosen"]))
+        held_out.append(subset_gain(later["stats"], now["chosen"]))
+        names = sorted(g for g in now["stats"] if g != NORM)
+        rho.append(float(spearmanr([now["stats"][g]["signal"] / now["stats"][g]["trace"] for g in names],
+                                   [later["stats"][g]["signal"] / later["stats"][g]["trace"] for g in names]).statistic))
+    signal = [sum(s["signal"] for s in m["stats"].values()) for m in measurements]
+    return {"gain_in_sample_median": _median(in_sample), "gain_held_out_median": _median(held_out),
+            "ratio_rank_correlation_median": _median(rho), "gain_in_sample": in_sample, "gain_held_out": held_out,
+            "ratio_rank_correlation": rho, "dense_signal_positive": f"{sum(x > 0 for x in signal)}/{len(signal)}"}
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """Median of the defined values (None where there are none)."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(kept) if kept else None
+
+
+def mezo_runs(task: str) -> list[dict[str, Any]]:
+    """The ``long`` profile's MeZO runs at its selected lr (every seed), with their dev curves."""
+    import tarfile
+
+    rows = [r for r in json.loads(LONG_ACCURACY.read_text())["runs"]
+            if r["task"] == task and r["method"] == "mezo" and r["mode"] == "full" and r["lr"] == MEZO_LR[task]]
+    with tarfile.open(LONG_ACCURACY.parent / "runs.tar.gz") as archive:
+        return [json.load(archive.extractfile(f"{task}/{Path(r['path']).name}/results.json")) for r in rows]
+
+
+def _curve(result: dict[str, Any]) -> list[tuple[float, float]]:
+    return [(0.0, result["zero_shot"])] + [(e["forward_passes"], e["dev"]) for e in result["evals"]]
+
+
+def compare(result: dict[str, Any], mezo: list[dict[str, Any]]) -> dict[str, Any]:
+    """One oracle run against MeZO's seeds: test points over their mean and over the same seed,
+    and forwards to reach MeZO's mean final dev accuracy over the forwards MeZO's mean curve needs."""
+    tests = [r["test"] for r in mezo]
+    same_seed = [r["test"] for r in mezo if r["seed"] == result["seed"]]
+    curves = [_curve(r) for r in mezo]
+    mean_curve = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves))
+                  for i in range(min(map(len, curves)))]
+    target = mean_curve[-1][1]
+    reach, own = forward_to_reach(_curve(result), target), forward_to_reach(mean_curve, target)
+    return {"mezo_test_mean": sum(tests) / len(tests), "mezo_seeds": len(tests),
+            "oracle_minus_mezo_points": 100.0 * (result["test"] - sum(tests) / len(tests)),
+            "oracle_minus_mezo_same_seed_points": 100.0 * (result["test"] - same_seed[0]) if same_seed else None,
+            "mezo_final_dev_mean": target,
+            "forward_ratio_to_mezo_final": None if reach is None or not own else reach / own}
+
+
+def report(out: Path = OUT) -> dict[str, Any]:
+    """``oracle.json`` and ``oracle.png`` from every finished run under ``out/runs``."""
+    rows = []
+    mezo = {}
+    for path in sorted((out / "runs").glob("*/*/results.json")):
+        result = json.loads(path.read_text())
+        task = result["task"]
+        mezo.setdefault(task, mezo_runs(task))
+        rows.append({k: result[k] for k in ("task", "seed", "label", "policy", "groups", "norm", "kappa",
+                                            "kappa_final", "zero_shot", "best_dev", "best_step", "test",
+                                            "forward_passes", "wall_time_s", "measure_time_s")}
+                    | {"discarded_forward_passes": sum(b["forward_passes_discarded"] for b in result["backoffs"]),
+                       "lr_median": MEZO_LR[task] * result["kappa_final"]
+                       * statistics.median(m["scale"] for m in result["measurements"]),
+                       "curve": _curve(result)}
+                    | compare(result, mezo[task]) | selection_checks(result["measurements"]))
+    doc = {"mezo_lr": MEZO_LR, "protocol": LONG, "runs": rows,
+           "curvzo_score_correlation": None,
+           "curvzo_score_correlation_note": "needs the long profile's curvzo score trajectories replayed "
+                                            "under their own noise version; not measured yet",
+           "mezo_curves": {t: [_curve(r) for r in runs] for t, runs in mezo.items()}}
+    write_json(out / "oracle.json", doc)
+    _figure(doc, out / "oracle.png")
+    return doc
+
+
+def _figure(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(doc["mezo_curves"])
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, curve in enumerate(doc["mezo_curves"][task]):
+            ax.plot(*zip(*curve), color="grey", alpha=0.6, label="mezo (long, each seed)" if i == 0 else None)
+        for row in (r for r in doc["runs"] if r["task"] == task):
+            ax.plot(*zip(*row["curve"]), marker="o", ms=3, label=f"{row['label']} s{row['seed']}")
+        ax.set(title=task, xlabel="forward passes", ylabel="dev accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _table(doc: dict[str, Any]) -> str:
+    headers = ["task", "run", "kappa", "lr/mezo", "dev", "test", "vs mezo (pts)", "fwd ratio",
+               "gain in/held", "rank rho", "signal>0"]
+    rows = [[r["task"], f"{r['label']} s{r['seed']}", r["kappa_final"], r["lr_median"] / doc["mezo_lr"][r["task"]],
+             r["best_dev"], r["test"], r["oracle_minus_mezo_points"], r["forward_ratio_to_mezo_final"],
+             f"{_fmt(r['gain_in_sample_median'])}/{_fmt(r['gain_held_out_median'])}",
+             r["ratio_rank_correlation_median"], r["dense_signal_positive"]]
+            for r in doc["runs"]]
+    return format_table(headers, rows)
+
+
 # ------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.oracle", description=__doc__.split("\n\n")[0])
@@ -383,16 +551,22 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--samples", type=int, default=4)
     one.add_argument("--policy", choices=("gsl", "random"), default="gsl")
     one.add_argument("--norm", action="store_true", help="perturb the norm gains at every step")
+    one.add_argument("--measure-batches", type=int, default=1,
+                     help="training batches each measurement uses for signal and energy (1: halves of one)")
     one.add_argument("--steps", type=int, default=LONG["steps"], help="fewer for a smoke test")
-    one.add_argument("--data-dir", default="../shared/data")
+    one.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     one.add_argument("--out", type=Path, default=OUT)
+    summary = sub.add_parser("report", help="oracle.json, oracle.png and a table from the finished runs")
+    summary.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     quiet_transformers()
     if args.command == "run":
         spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
-                    samples=args.samples, policy=args.policy, norm=args.norm, steps=args.steps, data_dir=args.data_dir)
+                    samples=args.samples, policy=args.policy, norm=args.norm, measure_batches=args.measure_batches, steps=args.steps, data_dir=args.data_dir)
         result = run(spec, args.out)
         print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
+    else:
+        print(_table(report(args.out)))
     return 0
 
 

@@ -56,7 +56,7 @@ def _exact_gn_trace(model: torch.nn.Module, params: list, batch: scoring.Batch) 
 
 def test_energy_and_signal_are_the_batch_and_half_batch_gradients() -> None:
     model, params, batch = _setup()
-    measured = measure(model, params, batch, samples=1, gen=torch.Generator().manual_seed(0))
+    measured = measure(model, params, [batch], samples=1, gen=torch.Generator().manual_seed(0))
     with torch.enable_grad():
         logits = scoring.classification_logits(model, batch)
         full = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, batch.targets), params, retain_graph=True)
@@ -67,10 +67,25 @@ def test_energy_and_signal_are_the_batch_and_half_batch_gradients() -> None:
         assert math.isclose(measured["signal"][i], float((a[i].double() * b[i].double()).sum()), rel_tol=1e-4, abs_tol=1e-12)
 
 
+def test_with_several_batches_the_signal_is_the_all_pairs_estimate_and_the_energy_the_mean() -> None:
+    model, params, _ = _setup()
+    batches = [scoring.encode(tokenizer(), EXAMPLES[i:i + 2], max_length=32) for i in (0, 2, 4)]
+    measured = measure(model, params, batches, samples=1, gen=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(scoring.classification_logits(model, b),
+                                                                       b.targets), params) for b in batches]
+    for t in range(len(params)):
+        g = [grads[i][t].double() for i in range(3)]
+        energy = sum(float(x.pow(2).sum()) for x in g) / 3
+        signal = sum(float((g[i] * g[j]).sum()) for i in range(3) for j in range(3) if i != j) / 6
+        assert math.isclose(measured["energy"][t], energy, rel_tol=1e-4, abs_tol=1e-12)
+        assert math.isclose(measured["signal"][t], signal, rel_tol=1e-4, abs_tol=1e-10)
+
+
 def test_the_probe_trace_is_an_unbiased_estimate_of_the_gauss_newton_trace() -> None:
     model, params, batch = _setup()
     exact = _exact_gn_trace(model, params, batch)
-    samples = measure(model, params, batch, samples=40, gen=torch.Generator().manual_seed(1))["trace_samples"]
+    samples = measure(model, params, [batch], samples=40, gen=torch.Generator().manual_seed(1))["trace_samples"]
     names = [str(i) for i in range(len(params))]
     stats = group_stats({"energy": [0.0] * len(params), "signal": [0.0] * len(params), "trace_samples": samples}, names)
     checked = 0
@@ -104,3 +119,17 @@ def test_groups_choose_by_signal_per_curvature_and_scale_the_step_to_equal_noise
     # for a random fraction f of the energy and the curvature, the rule is the subspace law 1/f
     even = {g: {"energy": 1.0, "signal": 1.0, "trace": 2.0} for g in "abcdefgh"}
     assert math.isclose(step_scale(even, {g: 1 for g in even}, ["a", "b"]), 4.0)
+
+
+def test_a_choice_is_judged_held_out_and_not_at_all_where_the_dense_signal_is_not_positive() -> None:
+    from benchmarks.oracle import selection_checks, subset_gain
+
+    good = {"a": {"energy": 1.0, "signal": 1.0, "trace": 1.0}, "b": {"energy": 1.0, "signal": 0.0, "trace": 3.0}}
+    # dense: 1 / sqrt(2 * 4); {a}: 1 / sqrt(1 * 1)
+    assert math.isclose(subset_gain(good, ["a"]), math.sqrt(8.0))
+    noise = {"a": {"energy": 1.0, "signal": 0.5, "trace": 1.0}, "b": {"energy": 1.0, "signal": -1.0, "trace": 3.0}}
+    assert subset_gain(noise, ["a"]) is None
+    checks = selection_checks([{"stats": good, "chosen": ["a"]}, {"stats": noise, "chosen": ["b"]},
+                               {"stats": good, "chosen": ["a"]}])
+    assert checks["gain_held_out"] == [None, 0.0]  # a noise-only measurement judges nothing; {b} has no signal
+    assert checks["dense_signal_positive"] == "2/3"
