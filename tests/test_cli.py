@@ -118,6 +118,7 @@ BAD = [
     (["--set", "optimizer_options={sampling: random}"], "sampling"),
     (["--optimizer-options", "{sampling: random}"], "sampling"),
     (["--embedding-rows", "maybe"], "expected true or false, got 'maybe'"),
+    (["--report-to", "tensorbord"], "(did you mean: tensorboard?)"),
 ]
 
 
@@ -232,3 +233,17 @@ def test_warnings_are_one_line_each_and_a_batch_larger_than_the_data_is_one(tiny
     err = capsys.readouterr().err.splitlines()
     assert err == ["curvzo: warning: batch_size 32 exceeds the 16 training examples of task `sst2`: every batch "
                    "repeats examples; lower batch_size or give the task more data"]
+
+
+def test_export_and_replay_show_their_progress(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(tiny_dir, data_dir, out, "--steps", "3") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--step", "last", "--out", str(tmp_path / "exported")]) == 0
+    err = capsys.readouterr().err
+    assert f"loading {tiny_dir}" in err and "replaying steps" in err and "3/3" in err and "saving to" in err
+    assert main(["replay", str(tiny_dir), str(out / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
+    err = capsys.readouterr().err
+    assert "replaying steps" in err and "3/3" in err
+    assert main(["export", str(out), "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

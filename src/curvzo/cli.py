@@ -82,10 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("base_model", help="alias, hub id or local folder the run started from")
     rebuild.add_argument("trajectory", help="a run's trajectory.czt")
     rebuild.add_argument("--out", required=True, help="folder for the rebuilt model (or adapter)")
+    rebuild.add_argument("--no-progress", action="store_true", help="no progress bar")
     export = sub.add_parser("export", help="write a run's weights at a step as a Hugging Face folder (rebuilt from its trajectory)")
     export.add_argument("run_dir")
     export.add_argument("--step", default="best", help="best | last | a step number (default: %(default)s)")
     export.add_argument("--out", required=True, help="folder for the model (or adapter) and tokenizer")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench = sub.add_parser("bench", help="run (resumably) and aggregate an accuracy grid")
     bench.add_argument("--grid", default="benchmarks/grids/cpu.yaml", help="grid YAML (default: %(default)s)")
     bench.add_argument("--profile", help="profile of the grid (its `profiles:` keys; default: the grid's `default_profile`)")
@@ -254,7 +256,7 @@ def _replay(args: argparse.Namespace) -> None:
     from .finetune import replay
 
     _quiet_libraries()
-    replay(args.base_model, args.trajectory, args.out)
+    replay(args.base_model, args.trajectory, args.out, progress=not args.no_progress)
     print(args.out)
 
 
@@ -262,7 +264,7 @@ def _export(args: argparse.Namespace) -> None:
     from .finetune import export
 
     _quiet_libraries()
-    print(export(args.run_dir, args.step, args.out))
+    print(export(args.run_dir, args.step, args.out, progress=not args.no_progress))
 
 
 def _bench(args: argparse.Namespace) -> None:

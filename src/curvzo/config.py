@@ -63,7 +63,11 @@ class TrainConfig:
 
     model: str = field(default="smollm2-135m", metadata=_help("alias, hub id or local folder"))
     gguf_file: str | None = field(default=None, metadata=_help("GGUF file inside `model` to load"))
-    task: Any = field(default="mr", metadata=_help("registered task name or a task definition mapping"))
+    task: Any = field(
+        default="mr",
+        metadata=_help("registered task name (`curvzo tasks`), or in a config file a task definition mapping "
+                       "for your own data: its format is in docs/api.md#your-own-data"),
+    )
     data_dir: str | None = field(default=None, metadata=_help("folder of <task>/*.jsonl files (else hub)"))
     method: str = field(default="curvzo", metadata=_help(f"one of {', '.join(METHODS)}"))
     peft: str = field(default="none", metadata=_help(" | ".join(PEFT_MODES)))
@@ -129,6 +133,11 @@ class TrainConfig:
         default=None,
         metadata=_help("run folder (default: a new runs/<task>-<method>-<YYYYmmdd-HHMMSS>); a folder that "
                        "already holds a run needs --resume or --overwrite"),
+    )
+    report_to: str = field(
+        default="none",
+        metadata=_help("experiment tracking through transformers' integrations: none | all (every one installed) | "
+                       "names separated by commas, e.g. tensorboard (events in the run folder's runs/)"),
     )
 
     def __post_init__(self) -> None:
@@ -201,6 +210,11 @@ class TrainConfig:
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
         out += _device_problems(self.device)
+        from .tracking import report_to_problem  # transformers is imported only for a value other than none
+
+        report_problem = report_to_problem(self.report_to)
+        if report_problem:
+            out.append(report_problem)
         if not isinstance(self.task, (str, dict)):
             out.append("`task` must be a task name or a task definition mapping")
         return out

