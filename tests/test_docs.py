@@ -34,6 +34,10 @@ def documented_tables() -> dict[str, dict[str, str]]:
 def code_defaults(path: str) -> dict[str, Any]:
     module, name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
+    if path == "curvzo.tasks.TaskConfig":  # the keys a task definition accepts: `version` is `metadata: {version}`
+        keys = {f.name: REQUIRED if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls) if f.init and f.name != "version"}
+        return {**keys, "metadata": {"version": cls.__dataclass_fields__["version"].default}}
     if dataclasses.is_dataclass(cls):
         inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
         return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
@@ -47,7 +51,7 @@ TABLES = documented_tables()
 
 def test_the_page_documents_every_public_configuration_class() -> None:
     assert set(TABLES) == {"curvzo.optim.MeZO", "curvzo.optim.CurvZO", "curvzo.hf.ZOTrainingArguments",
-                           "curvzo.config.TrainConfig"}
+                           "curvzo.config.TrainConfig", "curvzo.tasks.TaskConfig"}
 
 
 @pytest.mark.parametrize("path", sorted(TABLES))
@@ -136,3 +140,50 @@ def test_the_step_cost_block_has_a_row_per_measurement_and_drops_the_probe_colum
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="other.json is not a step-cost result: it has no 'timings' entry"):
         readme.render("<!-- step-cost:begin other.json -->\n<!-- step-cost:end -->\n", root=tmp_path)
+
+
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", API, re.DOTALL)
+YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", API, re.DOTALL)
+
+
+def test_every_python_block_of_the_api_page_says_it_is_a_fragment_and_where_it_runs_whole() -> None:
+    """The page's Python is excerpts; each names the file that runs it whole, and that file exists."""
+    assert PYTHON_BLOCKS
+    for block in PYTHON_BLOCKS:
+        first = block.splitlines()[0]
+        assert first.startswith("# A fragment:"), first
+        named = re.findall(r"examples/\w+\.py", first)
+        assert named and all((REPO / path).is_file() for path in named), first
+
+
+@pytest.mark.parametrize("index", range(len(YAML_BLOCKS)))
+def test_every_yaml_block_of_the_api_page_is_a_valid_config(index: int, monkeypatch) -> None:
+    from curvzo.config import TrainConfig, load_yaml
+    from curvzo.finetune import resolve_task
+
+    monkeypatch.chdir(REPO)
+    cfg = TrainConfig(**load_yaml(YAML_BLOCKS[index]))
+    assert resolve_task(cfg.task).name
+
+
+def test_the_own_data_example_is_the_custom_task_config_and_reads_its_files(monkeypatch) -> None:
+    from curvzo.config import load_config, load_yaml
+    from curvzo.data import load_splits
+    from curvzo.finetune import resolve_task
+
+    monkeypatch.chdir(REPO)  # the example's paths are relative to the repository root, as documented
+    section = API.split("## Your own data\n", 1)[1].split("\n## ", 1)[0]
+    example = load_yaml(re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1))["task"]
+    assert example == load_config(REPO / "configs" / "custom-task.yaml").task
+    splits = load_splits(resolve_task(example), num_train=24, num_dev=16, num_test=16)
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (24, 16, 16)
+    first = (REPO / "examples" / "data" / "reviews_train.jsonl").read_text().splitlines()[:2]
+    assert "\n".join(first) in section, "the sample lines are the file's first two"
+
+
+def test_train_help_points_at_the_task_format() -> None:
+    from curvzo.cli import _parser
+
+    train = next(a for a in _parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    assert "docs/api.md#your-own-data" in " ".join(train.format_help().split())
+    assert "## Your own data" in API and "docs/api.md#your-own-data" in (REPO / "README.md").read_text()
