@@ -7,7 +7,8 @@ the result file stays the one owner of the numbers:
 * ``accuracy``: a `curvzo bench` profile's ``accuracy.md``; the block is its status paragraph, its
   main table and its summary bullets, verbatim;
 * ``accuracy-table``: the main table of an ``accuracy.md`` alone (the README's summary);
-* ``step-cost``: a ``benchmarks.step_cost`` JSON, rendered by :func:`benchmarks.step_cost.readme_table`.
+* ``step-cost``: a ``benchmarks.step_cost`` JSON, rendered by :func:`benchmarks.step_cost.readme_table`;
+* ``demo``: the timing of the demo by ``benchmarks.demo``, rendered by :func:`benchmarks.demo.readme_block`.
 
 ``python -m benchmarks.readme`` rewrites every block of every page from its file (after a
 benchmark reran, or after pointing a marker at another file); ``--check`` only says whether the
@@ -25,6 +26,7 @@ from pathlib import Path
 from curvzo.io import write_text
 
 from ._common import REPO_ROOT
+from .demo import readme_block
 from .step_cost import readme_table
 
 #: The pages with generated blocks: the README's summary and the evidence page.
@@ -61,6 +63,7 @@ RENDERERS = {
     "accuracy": accuracy_block,
     "accuracy-table": accuracy_table,
     "step-cost": lambda text: readme_table(json.loads(text)),
+    "demo": lambda text: readme_block(json.loads(text)),
 }
 
 
