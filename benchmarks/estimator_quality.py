@@ -241,9 +241,10 @@ def select_methods(names: str | None) -> list[MethodSpec]:
 
 # ======================================================================================== probe
 class NoiseProbe:
-    """Stands in for ``opt._noise``: forwards every draw; the first time a step draws a piece of a
-    block (the +eps pass, before the engine uses z) it adds that piece's z.g and ||z||^2 to the
-    block's z_b.g_b and ||z_b||^2 (later passes redraw the same pieces and are not counted)."""
+    """Stands in for ``opt._noise``: forwards every noise segment; the first time a step reads a
+    segment of a block (the +eps pass, before the engine uses z) it adds that segment's z.g and
+    ||z||^2 to the block's z_b.g_b and ||z_b||^2 (later passes read the same segments again and
+    are not counted)."""
 
     def __init__(self, inner: Any, grad_views: list[torch.Tensor]) -> None:
         self.inner = inner
@@ -258,18 +259,23 @@ class NoiseProbe:
     def __getattr__(self, name: str) -> Any:  # draws, buffers, and anything else the engine may read
         return getattr(self.inner, name)
 
-    def fill(self, block: Any, step_seed: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-        z = self.inner.fill(block, step_seed, lo, hi, out)
+    def segments(self, block: Any, step_seed: int, lo: int, hi: int) -> Any:
         if step_seed != self.seed:
             self.seed, self.touched, self.seen, self.zg, self.zz = step_seed, [], set(), {}, {}
         if block.index not in self.zg:
             self.touched.append(block)
             self.zg[block.index] = self.zz[block.index] = 0.0 if self.measure else math.nan
-        if self.measure and (block.index, lo, hi) not in self.seen:
-            self.seen.add((block.index, lo, hi))
-            self.zg[block.index] += float(torch.dot(z, self.grad_views[block.index][lo:hi]))
-            self.zz[block.index] += float(torch.dot(z, z))
-        return z
+        for a, b, z, sign in self.inner.segments(block, step_seed, lo, hi):
+            if self.measure and (block.index, a, b) not in self.seen:
+                self.seen.add((block.index, a, b))
+                self.zg[block.index] += sign * float(torch.dot(z, self.grad_views[block.index][a:b]))
+                self.zz[block.index] += float(torch.dot(z, z))
+            yield a, b, z, sign
+
+    def fill(self, block: Any, step_seed: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        for a, b, z, sign in self.segments(block, step_seed, lo, hi):
+            torch.mul(z, sign, out=out[a - lo : b - lo])
+        return out
 
 
 # ======================================================================================== worker

@@ -81,7 +81,9 @@ def test_descends_on_quadratic(case):
     f = quadratic(params)
     start = f().item()
     opt = case.cls(params, lr=0.004, eps=1e-3, seed=1, **case.kwargs)
-    for _ in range(400):
+    # A normalised step moves lr * g / scale, about lr in size: from this start 400 such steps
+    # halve the loss in half of the seeds (median 0.50 over 12), 600 steps in all (at most 0.34).
+    for _ in range(600 if case.kwargs.get("normalize") else 400):
         opt.step(f)
     assert f().item() < 0.5 * start
 

@@ -56,54 +56,47 @@ class Perturbation:
     def touches(self, param: torch.Tensor) -> bool:
         return id(param) in self._by_param
 
-    def values(self, param: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """A perturbed copy of ``param.view(-1)[lo:hi]`` in the parameter's dtype."""
+    def values(self, param: torch.Tensor, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A perturbed copy of ``param.view(-1)[lo:hi]`` in the parameter's dtype, written into
+        ``out`` when given: one fused ``theta + scale z`` per noise segment (computed in fp32,
+        rounded once), a plain copy where no sampled block lies."""
         flat = param.detach().view(-1)[lo:hi]
-        sampled = self._by_param.get(id(param), ())
-        exact = flat.dtype == torch.float32
-        if exact and len(sampled) == 1 and sampled[0][0].start <= lo and hi <= sampled[0][0].end:
-            # One block covers the range (a whole module's tensor): theta + scale z in one pass each.
-            block, scale = sampled[0]
-            out = torch.empty_like(flat)
-            for a, b in pieces(block, lo - block.start, hi - block.start, self.max_chunk):
-                z = self.noise.fill(block, self.seed, a, b, self.noise.buffer(b - a, out.device))
-                torch.add(flat[a + block.start - lo : b + block.start - lo], z, alpha=scale,
-                          out=out[a + block.start - lo : b + block.start - lo])
-            return out
-        out = flat.clone() if exact else flat.float()
-        for block, scale in sampled:
-            for a, b in pieces(block, max(lo, block.start) - block.start, min(hi, block.end) - block.start, self.max_chunk):
-                z = self.noise.fill(block, self.seed, a, b, self.noise.buffer(b - a, out.device))
-                out[a + block.start - lo : b + block.start - lo].add_(z, alpha=scale)
-        return out if exact else out.to(param.dtype)
+        out = torch.empty_like(flat) if out is None else out
+        done = lo  # elements below this are written
+        for block, scale in self._by_param.get(id(param), ()):
+            first, last = max(lo, block.start), min(hi, block.end)
+            if first >= last:
+                continue
+            if done < first:
+                out[done - lo : first - lo].copy_(flat[done - lo : first - lo])
+            for a, b in pieces(block, first - block.start, last - block.start, self.max_chunk):
+                for c, d, z, sign in self.noise.segments(block, self.seed, a, b):
+                    at = slice(c + block.start - lo, d + block.start - lo)
+                    torch.add(flat[at], z, alpha=scale * sign, out=out[at])
+            done = last
+        if done < hi:
+            out[done - lo :].copy_(flat[done - lo :])
+        return out
 
     def rows(self, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Perturbed ``param[rows]`` (indices along dim 0, any shape), drawing noise only for the
-        units holding those rows."""
+        """Perturbed ``param[rows]`` (indices along dim 0, any shape), reading noise only for those rows."""
         unique, inverse = torch.unique(rows.flatten(), return_inverse=True)  # sorted
         row = param.numel() // param.shape[0]
-        table = param.detach().view(param.shape[0], row)[unique].float()  # a gather: already a copy
+        table = param.detach().view(param.shape[0], row)[unique]  # a gather: already a copy
         sampled = self._by_param.get(id(param))
         if sampled:
-            first = sampled[0][0]
+            table = table if table.dtype == torch.float32 else table.float()
             by_start = {block.start: (block, scale) for block, scale in sampled}
-            span, unit = first.span // row, unit_elements(first) // row  # rows per block, per unit
-            per_block = span // unit + 1
-            # Sorted rows fall into consecutive (block, unit) groups: one noise unit per group.
-            block_of = torch.div(unique, span, rounding_mode="floor")
-            unit_of = torch.div(unique - block_of * span, unit, rounding_mode="floor")
-            keys, counts = torch.unique_consecutive(block_of * per_block + unit_of, return_counts=True)
-            start = 0
+            span = sampled[0][0].span // row  # rows per block (the last may be shorter)
+            # Sorted rows fall into consecutive block groups: one noise read per group.
+            keys, counts = torch.unique_consecutive(torch.div(unique, span, rounding_mode="floor"), return_counts=True)
+            at = 0
             for key, count in zip(keys.tolist(), counts.tolist()):
-                b, u = divmod(key, per_block)
-                entry = by_start.get(b * span * row)
+                entry = by_start.get(key * span * row)
                 if entry is not None:
                     block, scale = entry
-                    lo = u * unit * row
-                    hi = min(lo + unit * row, block.numel)
-                    z = self.noise.fill(block, self.seed, lo, hi, self.noise.buffer(hi - lo, table.device)).view(-1, row)
-                    table[start : start + count] += scale * z[unique[start : start + count] - b * span - u * unit]
-                start += count
+                    table[at : at + count].add_(self.noise.rows(block, self.seed, unique[at : at + count]), alpha=scale)
+                at += count
         return table.to(param.dtype)[inverse].view(*rows.shape, *param.shape[1:])
 
 
@@ -154,18 +147,26 @@ def _embedding_forward(ctx: Perturbation, weight: torch.Tensor) -> Any:
 
 
 def _linear_forward(ctx: Perturbation, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """A large ``nn.Linear`` (an LM head) applied in chunks of output rows, each perturbed into one
+    reused chunk buffer and multiplied straight into its columns of one output tensor: the extra
+    memory is one chunk, never a second output."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         b = None if bias is None else (ctx.values(bias, 0, bias.numel()) if ctx.touches(bias) else bias)
         if x.numel() == 0:  # nothing reads the weight (e.g. a head asked for no positions)
             return F.linear(x, weight, b)
-        width = weight.shape[1]
+        rows, width = weight.shape
         step = max(1, ctx.max_chunk // width)
-        parts = [
-            F.linear(x, ctx.values(weight, r * width, min(r + step, weight.shape[0]) * width).view(-1, width),
-                     None if b is None else b[r : r + step])
-            for r in range(0, weight.shape[0], step)
-        ]
-        return torch.cat(parts, dim=-1)
+        inputs = x.reshape(-1, width)
+        out = inputs.new_empty(inputs.shape[0], rows, dtype=torch.result_type(x, weight))
+        chunk = torch.empty(min(step, rows) * width, dtype=weight.dtype, device=weight.device)
+        for r in range(0, rows, step):
+            e = min(r + step, rows)
+            w = ctx.values(weight, r * width, e * width, chunk[: (e - r) * width]).view(-1, width)
+            if b is None:
+                torch.mm(inputs, w.t(), out=out[:, r:e])
+            else:
+                torch.addmm(b[r:e], inputs, w.t(), out=out[:, r:e])
+        return out.view(*x.shape[:-1], rows)
     return forward
 
 

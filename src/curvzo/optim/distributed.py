@@ -211,9 +211,9 @@ class DistributedZO:
                 for (block, local, first, a, b), original in zip(parts, originals):
                     scale = sign * float(opt.param_groups[block.group]["eps"])
                     for lo, hi in pieces(block, a, b, opt.max_chunk):
-                        z = opt._noise.fill(block, draw.seed, lo, hi, opt._noise.buffer(hi - lo, local.device))
-                        at = block.start + lo - first
-                        torch.add(original[lo - a : hi - a], z, alpha=scale, out=local[at : at + hi - lo])
+                        for c, d, z, z_sign in opt._noise.segments(block, draw.seed, lo, hi):
+                            at = block.start + c - first
+                            torch.add(original[c - a : d - a], z, alpha=scale * z_sign, out=local[at : at + d - c])
                 loss = closure()
                 losses.append(float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss))
         finally:
@@ -234,14 +234,14 @@ class DistributedZO:
                 continue
             local, first, a, b = overlaps[block.index]
             for lo, hi in pieces(block, a, b, opt.max_chunk):
-                z = opt._noise.fill(block, record.seed, lo, hi, opt._noise.buffer(hi - lo, local.device))
-                if opt._needs_noise_norms:
-                    squares[i] += float(torch.dot(z, z))
-                if lr != 0.0:
-                    target = local[block.start + lo - first : block.start + hi - first]
-                    if decay:
-                        target.mul_(1.0 - decay)
-                    target.add_(z, alpha=scale)
+                target = local[block.start + lo - first : block.start + hi - first]
+                if lr != 0.0 and decay:
+                    target.mul_(1.0 - decay)
+                for c, d, z, sign in opt._noise.segments(block, record.seed, lo, hi):
+                    if opt._needs_noise_norms:
+                        squares[i] += float(torch.dot(z, z))
+                    if lr != 0.0:
+                        target[c - lo : d - lo].add_(z, alpha=scale * sign)
         if not opt._needs_noise_norms or self.world == 1:
             return squares
         return self._all_gather(squares).sum(0)

@@ -490,11 +490,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             if lr == 0.0 and not self._needs_noise_norms:
                 continue  # exact no-op, even for -0.0 weights that adding +0.0 would flip
             for lo, hi in pieces(block, 0, block.numel, self.max_chunk):
-                z = self._noise.fill(block, record.seed, lo, hi, self._noise.buffer(hi - lo, block.param.device))
+                segments = list(self._noise.segments(block, record.seed, lo, hi))
                 if self._needs_noise_norms:
-                    squares.append(torch.dot(z, z))
+                    squares.extend(torch.dot(z, z) for _, _, z, _ in segments)
                 if lr != 0.0:
-                    self._update(block, lo, hi, z, scale, decay, record.seed)
+                    self._update(block, lo, hi, segments, scale, decay, record.seed)
             if squares:
                 norms.append(squares[0] if len(squares) == 1 else torch.stack(squares).sum())
         return _to_host(norms) if norms else torch.zeros(len(record.blocks), dtype=torch.float64)
@@ -507,8 +507,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         lr = record.lr[g]
         return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / divisor)
 
-    def _update(self, block: Block, lo: int, hi: int, z: torch.Tensor, scale: float, decay: float, seed: int) -> None:
-        """theta[lo:hi] = (1 - lr wd) theta + scale z, computed in fp32 and stored per ``rounding``."""
+    def _update(self, block: Block, lo: int, hi: int, segments: list, scale: float, decay: float, seed: int) -> None:
+        """theta[lo:hi] = (1 - lr wd) theta + scale z, computed in fp32 and stored per ``rounding``;
+        ``segments`` are z of ``[lo, hi)`` as :meth:`NoiseSource.segments` gives them."""
         target = block.view()[lo:hi]
         if target.dtype == torch.float32:
             work = target
@@ -518,7 +519,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             work = target.float()
         if decay:
             work.mul_(1.0 - decay)
-        work.add_(z, alpha=scale)
+        for a, b, z, sign in segments:
+            work[a - lo : b - lo].add_(z, alpha=scale * sign)
         if work is target:
             return
         if self.rounding != "stochastic":
