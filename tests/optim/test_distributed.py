@@ -142,7 +142,9 @@ def test_data_and_shard_modes_follow_one_process_on_the_global_batch(ranks, mode
         assert mine.grad == pytest.approx(theirs.grad, abs=1e-3) and mine.pi == pytest.approx(theirs.pi, rel=1e-4)
     assert got["k"] == pytest.approx(reference["k"], rel=1e-4)
     torch.testing.assert_close(got["scores"], reference["scores"], rtol=1e-3, atol=0)
-    _close(got["weights"], reference["weights"])
+    # Each step moves a weight by lr * g * z / pi, so g's difference (up to the 1e-3 above) moves
+    # it by up to lr * 1e-3 * |z| / pi = 1e-7 * |z| / pi per step: a few 1e-6 over the run.
+    _close(got["weights"], reference["weights"], atol=5e-6)
     assert not torch.equal(got["weights"]["body.weight"], _net().body.weight)  # it trained
     assert got["bytes"] == STEPS * 3 * 8 + (0 if mode == "data" else sum(8 * len(r.blocks) for r in got["records"]))
 

@@ -21,13 +21,20 @@ EXAMPLES = [
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("method", sorted(PRESETS))
 def test_loss_goes_down_on_a_fixed_batch(arch, method):
-    model = tiny_model(arch, seed=0)
+    # The median of three optimizer seeds: at this lr one run in a few dozen of the 1/pi-scaled
+    # presets has a tail step that undoes the descent (curvzo-ref on tiny Llama ends above 0.9x
+    # its start in 8 of 48 seeds with generator noise and 9 of 48 with table noise), and which
+    # seed it is changes with the kernels' thread count.
     batch = scoring.encode(tokenizer(), EXAMPLES, max_length=32)
-    loss = lambda: scoring.classification_loss(model, batch)
-    with torch.no_grad():
-        start = float(loss())
-    opt = build_optimizer(method, [p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-3, seed=0, model=model)
-    for _ in range(40):
-        opt.step(loss)
-    with torch.no_grad():
-        assert float(loss()) < 0.9 * start
+    ratios = []
+    for seed in range(3):
+        model = tiny_model(arch, seed=0)
+        loss = lambda: scoring.classification_loss(model, batch)
+        with torch.no_grad():
+            start = float(loss())
+        opt = build_optimizer(method, [p for p in model.parameters() if p.requires_grad], lr=3e-3, eps=1e-3, seed=seed, model=model)
+        for _ in range(40):
+            opt.step(loss)
+        with torch.no_grad():
+            ratios.append(float(loss()) / start)
+    assert sorted(ratios)[1] < 0.9, ratios
