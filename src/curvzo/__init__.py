@@ -1,7 +1,7 @@
 """curvzo: memory-efficient zeroth-order fine-tuning of Hugging Face language models.
 
     >>> import curvzo
-    >>> opt = curvzo.CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0)
+    >>> opt = curvzo.CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
     >>> loss = opt.step(lambda: loss_fn(model(**batch)))
 
 Everything is loaded on first use: the optimizers import torch only, the harness (tasks, data,

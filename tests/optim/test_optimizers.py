@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -504,3 +505,16 @@ def test_adaptive_budget_is_computed_over_active_blocks_only():
     opt._update_budget(state, active)
     # Flat active scores: N_eff = n and H = 1, so f_raw = 0.1 + 0.7 * 0.7 whatever the 45 inactive blocks hold.
     assert state["k"] == pytest.approx(0.9 * k_before + 0.1 * 50 * (0.1 + 0.7 * 0.7))
+
+
+def test_building_without_a_model_warns_once_per_line_with_what_the_fallback_costs():
+    from curvzo.optim import FallbackWarning
+
+    net = torch.nn.Linear(4, 2)
+    with pytest.warns(FallbackWarning, match="model=") as seen:
+        build_optimizer("mezo", net.parameters(), lr=1e-3, eps=1e-3, seed=0)
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    assert seen[0].filename == __file__  # the line that built it, not a line of the library
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer("mezo", net.parameters(), lr=1e-3, eps=1e-3, seed=0, model=net)

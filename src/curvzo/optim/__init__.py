@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .curvzo import CurvZO
     from .distributed import DistributedZO
     from .mezo import MeZO
-    from .optimizer import StepInfo, StepRecord, ZOOptimizer, decay_param_groups
+    from .optimizer import FallbackWarning, StepInfo, StepRecord, ZOOptimizer, decay_param_groups
 
 __all__ = [
     "ZOOptimizer",
@@ -29,6 +29,7 @@ __all__ = [
     "CurvZO",
     "StepRecord",
     "StepInfo",
+    "FallbackWarning",
     "decay_param_groups",
     "read_rows",
     "NOISE_VERSION",
@@ -42,6 +43,7 @@ __all__ = [
 
 _LAZY = {
     "ZOOptimizer": "optimizer", "StepRecord": "optimizer", "StepInfo": "optimizer", "decay_param_groups": "optimizer",
+    "FallbackWarning": "optimizer",
     "MeZO": "mezo", "CurvZO": "curvzo", "read_rows": "_stream", "NOISE_VERSION": "_noise",
     "DistributedZO": "distributed",
 }
