@@ -118,11 +118,14 @@ def test_the_step_cost_block_has_a_row_per_measurement_and_drops_the_probe_colum
 
     mib = 2**20
     result = {
-        "timings": {"body_forward": {"median": 0.5}, "label_loss": {"median": 0.55},
-                    "mezo": {"median": 2.0, "noise_draws_over_params": 2.6}, "adamw": {"median": 0.04}},
+        "timings": {"body_forward": {"median": 0.5}, "label_loss": {"median": 0.55}, "full_loss": {"median": 0.6},
+                    "mezo": {"median": 2.0, "noise_draws_over_params": 2.6}, "adamw": {"median": 0.04},
+                    "full:mezo": {"median": 2.4, "noise_draws_over_params": 2.6, "generated_over_params": 0.0}},
         "memory": {"inference-label": {"peak_bytes": 1000 * mib, "largest_allocation_bytes": 3 * mib},
+                   "inference-full": {"peak_bytes": 1200 * mib, "largest_allocation_bytes": 96 * mib},
                    "mezo": {"peak_bytes": 1050 * mib, "largest_allocation_bytes": 3.5 * mib},
-                   "adamw": {"peak_bytes": 3000 * mib, "largest_allocation_bytes": 100 * mib}},
+                   "adamw": {"peak_bytes": 3000 * mib, "largest_allocation_bytes": 100 * mib},
+                   "full:mezo": {"peak_bytes": 1224 * mib, "largest_allocation_bytes": 96 * mib}},
     }
     (tmp_path / "probed.json").write_text(json.dumps(result))
     for measurement in result["memory"].values():
@@ -130,13 +133,17 @@ def test_the_step_cost_block_has_a_row_per_measurement_and_drops_the_probe_colum
     (tmp_path / "unprobed.json").write_text(json.dumps(result))
     text = "".join(f"<!-- step-cost:begin {name}.json -->\n<!-- step-cost:end -->\n" for name in ("probed", "unprobed"))
     probed, unprobed = (block.group(3) for block in readme.BLOCK.finditer(readme.render(text, root=tmp_path)))
+    # Ratios are to the same closure's inference; a result without the generated count (measured
+    # when every noise element was generated) shows its draws as generated.
     assert probed.splitlines()[2:] == [
-        "| body forward | 0.50 s |  |  |  |  |",
-        "| label-only inference (the closure) | 0.55 s |  | 1.00 (1000 MiB) | 3.0 MiB |  |",
-        "| `mezo` | 2.00 s | 2.00 | 1.05 | 3.5 MiB | 2.60 |",
-        "| first-order AdamW (backprop) | 40.0 ms | 0.04 | 3.00 | 100.0 MiB |  |",
+        "| body forward | 0.50 s |  |  |  |  |  |  |",
+        "| label-only inference (the closure) | 0.55 s |  |  | 1.00 (1000 MiB) | 3.0 MiB |  |  |",
+        "| full-logits inference (the closure) | 0.60 s |  |  | 1.00 (1200 MiB) | 96.0 MiB |  |  |",
+        "| `mezo` | 2.00 s | 1.82 | 2.00 | 1.05 | 3.5 MiB | 2.60 | 2.60 |",
+        "| first-order AdamW (backprop) | 40.0 ms | 0.04 | 0.04 | 3.00 | 100.0 MiB |  |  |",
+        "| `mezo`, full logits | 2.40 s | 2.00 | 2.40 | 1.02 | 96.0 MiB | 2.60 | 0.00 |",
     ]
-    assert "largest tensor" not in unprobed and "| `mezo` | 2.00 s | 2.00 | 1.05 | 2.60 |" in unprobed
+    assert "largest tensor" not in unprobed and "| `mezo` | 2.00 s | 1.82 | 2.00 | 1.05 | 2.60 | 2.60 |" in unprobed
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="other.json is not a step-cost result: it has no 'timings' entry"):
         readme.render("<!-- step-cost:begin other.json -->\n<!-- step-cost:end -->\n", root=tmp_path)
