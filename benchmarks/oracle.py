@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks._common import DEFAULT_DATA_DIR, RESULTS_DIR, format_table, quiet_transformers, save_figure, write_json
 from curvzo import scoring
-from curvzo.bench.report import forward_to_reach
+from curvzo.bench.report import forward_to_reach, mean_curve
 from curvzo.config import TrainConfig
 from curvzo.io import atomic_write
 from curvzo.divergence import DivergenceGuard
@@ -101,13 +101,6 @@ def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
 
 def group_names(named: Sequence[tuple[str, torch.nn.Parameter]], embedding: torch.Tensor) -> list[str]:
     return [group_of(name, p, embedding) for name, p in named]
-
-
-def group_numel(named: Sequence[tuple[str, torch.nn.Parameter]], groups: Sequence[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for (_, p), group in zip(named, groups):
-        out[group] = out.get(group, 0) + p.numel()
-    return out
 
 
 def by_group(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
@@ -172,19 +165,21 @@ def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batches: Seq
     gradient carries: ||g||^2 of the single batch, or the mean of the m batches' ||g_i||^2.
     """
     total: list[torch.Tensor] = []
-    own, sizes, weight_sq = [0.0] * len(params), [], [0.0] * len(params)
+    sizes, norms = [], []  # per part: its examples, its tensors' ||g_i||^2
     for size, grads in _part_grads(model, params, batches):
-        norms = _sq_norms(grads)
-        own = [o + v for o, v in zip(own, norms)]
-        weight_sq = [o + size * size * v for o, v in zip(weight_sq, norms)]
         sizes.append(size)
+        norms.append(_sq_norms(grads))
         scaled = [size * g.double() for g in grads]
         total = scaled if not total else [t.add_(x) for t, x in zip(total, scaled)]
     n = sum(sizes)
     pairs = n * n - sum(k * k for k in sizes)
     sum_sq = [float(t.pow(2).sum()) for t in total]
+    weight_sq = [sum(k * k * part[b] for k, part in zip(sizes, norms)) for b in range(len(params))]
     signal = [(t - w) / pairs for t, w in zip(sum_sq, weight_sq)]
-    energy = [t / n**2 for t in sum_sq] if len(batches) == 1 else [o / len(sizes) for o in own]
+    if len(batches) == 1:
+        energy = [t / n**2 for t in sum_sq]
+    else:
+        energy = [sum(part[b] for part in norms) / len(norms) for b in range(len(params))]
     return {"energy": energy, "signal": signal,
             "trace_samples": _trace_samples(model, params, batches[0], samples, gen)}
 
@@ -209,12 +204,12 @@ def gsl_ratio(stats: dict[str, float]) -> float:
 
 
 def choose(stats: dict[str, dict[str, float]], k: int) -> list[str]:
-    """The ``k`` groups with the largest GSL ratio (the norm group is always added by the caller)."""
+    """The ``k`` groups with the largest GSL ratio (the norm group is never one of them)."""
     ranked = sorted((g for g in stats if g != NORM), key=lambda g: gsl_ratio(stats[g]), reverse=True)
     return ranked[:k]
 
 
-def step_scale(stats: dict[str, dict[str, float]], numel: dict[str, int], sub: Sequence[str]) -> float:
+def step_scale(stats: dict[str, dict[str, float]], numel: dict[str, float], sub: Sequence[str]) -> float:
     """The factor on MeZO's lr for the subspace ``sub`` (the module docstring's rule)."""
     total_e = sum(s["energy"] for s in stats.values())
     total_t = sum(s["trace"] for s in stats.values())
@@ -289,7 +284,7 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
     groups = group_names(named, model.get_input_embeddings().weight)
-    numel = group_numel(named, groups)
+    numel = by_group([p.numel() for _, p in named], groups)
     params = [p for _, p in named]
     state = _resume(folder, named, optimizer)
     if state is None:
@@ -336,10 +331,10 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     _load(named, load_file(folder / "best.safetensors"))
     test = evaluate(model, tokenizer, task, test_set, cfg)
     results = {"task": spec.task, "seed": spec.seed, "label": spec.label, "policy": spec.policy,
-               "kappa": spec.kappa, "kappa_final": spec.kappa * 0.5 ** len(state["backoffs"]),
+               "kappa": spec.kappa, "kappa_final": _kappa(spec, state),
                "backoffs": state["backoffs"], "groups": spec.groups, "norm": spec.norm, "refresh": spec.refresh,
-               "samples": spec.samples, "measure_batches": spec.measure_batches, "mezo_lr": MEZO_LR[spec.task], "zero_shot": state["zero_shot"],
-               "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
+               "samples": spec.samples, "measure_batches": spec.measure_batches, "mezo_lr": MEZO_LR[spec.task],
+               "zero_shot": state["zero_shot"], "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
                "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
                "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
                "measurements": state["measurements"], **({"diverged": diverged} if diverged else {})}
@@ -349,23 +344,23 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     return results
 
 
-def _back_off(folder: Path, named: list, optimizer: Any, diverged: dict[str, Any], why: str) -> dict[str, Any]:
+def _back_off(folder: Path, named: list, optimizer: Any, current: dict[str, Any], why: str) -> dict[str, Any]:
     """Return to the last checkpoint with one more halving of kappa recorded (the best weights so
     far stay: they were reached before the divergence). The forwards and time spent past the
     checkpoint are recorded with it, so the run's cost can be counted with or without them."""
     state = _resume(folder, named, optimizer)
     assert state is not None, "a run checkpoints before its first step"
-    state["backoffs"] = [*diverged["backoffs"], {
+    state["backoffs"] = [*current["backoffs"], {
         "from_step": state["step"], "why": why,
-        "forward_passes_discarded": diverged["forward_passes"] - state["forward_passes"],
-        "wall_time_s_discarded": round(diverged["wall_time_s"] - state["wall_time_s"], 1)}]
+        "forward_passes_discarded": current["forward_passes"] - state["forward_passes"],
+        "wall_time_s_discarded": round(current["wall_time_s"] - state["wall_time_s"], 1)}]
     print(f"{folder.name}: diverged ({why}); back to step {state['step']} with kappa x 0.5",
           file=sys.stderr, flush=True)
     return state
 
 
 def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, params: list,
-             groups: list[str], numel: dict[str, int], train_set: list, cfg: TrainConfig,
+             groups: list[str], numel: dict[str, float], train_set: list, cfg: TrainConfig,
              step: int) -> tuple[list[str], float]:
     """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr.
 
@@ -384,8 +379,12 @@ def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenize
         state["measurements"].append(done[block])
         state["measure_time_s"] += time.perf_counter() - clock
     entry = done[block]
-    kappa = spec.kappa * 0.5 ** len(state["backoffs"])
-    return entry["chosen"], kappa * MEZO_LR[spec.task] * entry["scale"]
+    return entry["chosen"], _kappa(spec, state) * MEZO_LR[spec.task] * entry["scale"]
+
+
+def _kappa(spec: Spec, state: dict[str, Any]) -> float:
+    """The run's kappa after its back-offs (halved once per divergence)."""
+    return spec.kappa * 0.5 ** len(state["backoffs"])
 
 
 def _checkpoint(folder: Path, named: list, optimizer: Any, state: dict[str, Any]) -> None:
@@ -424,9 +423,10 @@ def subset_gain(stats: dict[str, dict[str, float]], sub: Sequence[str]) -> float
 
 
 def selection_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
-    """How well one measurement's choice holds up at the next one (another batch, 25 steps later):
-    the chosen set's predicted gain in sample and held out, and the rank correlation of the groups'
-    GSL ratios between consecutive measurements (the noise the choice is made through)."""
+    """How well one measurement's choice holds up at the next one (other batches, ``refresh`` steps
+    later): the chosen set's predicted gain in sample and held out, and the rank correlation of the
+    groups' signal/curvature ratios between consecutive measurements (negative signals kept, so
+    the ranking is not tied at zero: the noise the choice is made through)."""
     from scipy.stats import spearmanr
 
     in_sample, held_out, rho = [], [], []
@@ -458,20 +458,14 @@ def mezo_runs(task: str) -> list[dict[str, Any]]:
         return [json.load(archive.extractfile(f"{task}/{Path(r['path']).name}/results.json")) for r in rows]
 
 
-def _curve(result: dict[str, Any]) -> list[tuple[float, float]]:
-    return [(0.0, result["zero_shot"])] + [(e["forward_passes"], e["dev"]) for e in result["evals"]]
-
-
 def compare(result: dict[str, Any], mezo: list[dict[str, Any]]) -> dict[str, Any]:
     """One oracle run against MeZO's seeds: test points over their mean and over the same seed,
     and forwards to reach MeZO's mean final dev accuracy over the forwards MeZO's mean curve needs."""
     tests = [r["test"] for r in mezo]
     same_seed = [r["test"] for r in mezo if r["seed"] == result["seed"]]
-    curves = [_curve(r) for r in mezo]
-    mean_curve = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves))
-                  for i in range(min(map(len, curves)))]
-    target = mean_curve[-1][1]
-    reach, own = forward_to_reach(_curve(result), target), forward_to_reach(mean_curve, target)
+    theirs = mean_curve(mezo)
+    target = theirs[-1][1]
+    reach, own = forward_to_reach(mean_curve([result]), target), forward_to_reach(theirs, target)
     return {"mezo_test_mean": sum(tests) / len(tests), "mezo_seeds": len(tests),
             "oracle_minus_mezo_points": 100.0 * (result["test"] - sum(tests) / len(tests)),
             "oracle_minus_mezo_same_seed_points": 100.0 * (result["test"] - same_seed[0]) if same_seed else None,
@@ -480,7 +474,7 @@ def compare(result: dict[str, Any], mezo: list[dict[str, Any]]) -> dict[str, Any
 
 
 def report(out: Path = OUT) -> dict[str, Any]:
-    """``oracle.json`` and ``oracle.png`` from every finished run under ``out/runs``."""
+    """``oracle.json``, ``oracle.md`` and ``oracle.png`` from every finished run under ``out/runs``."""
     rows = []
     mezo = {}
     for path in sorted((out / "runs").glob("*/*/results.json")):
@@ -493,13 +487,13 @@ def report(out: Path = OUT) -> dict[str, Any]:
                     | {"discarded_forward_passes": sum(b["forward_passes_discarded"] for b in result["backoffs"]),
                        "lr_median": MEZO_LR[task] * result["kappa_final"]
                        * statistics.median(m["scale"] for m in result["measurements"]),
-                       "curve": _curve(result)}
+                       "curve": mean_curve([result])}
                     | compare(result, mezo[task]) | selection_checks(result["measurements"]))
     doc = {"mezo_lr": MEZO_LR, "protocol": LONG, "runs": rows,
            "curvzo_score_correlation": None,
            "curvzo_score_correlation_note": "needs the long profile's curvzo score trajectories replayed "
                                             "under their own noise version; not measured yet",
-           "mezo_curves": {t: [_curve(r) for r in runs] for t, runs in mezo.items()}}
+           "mezo_curves": {t: [mean_curve([r]) for r in runs] for t, runs in mezo.items()}}
     write_json(out / "oracle.json", doc)
     _figure(doc, out / "oracle.png")
     atomic_write(out / "oracle.md", lambda tmp: tmp.write_text(_markdown(doc)))
@@ -602,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     if args.command == "run":
         spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
-                    samples=args.samples, policy=args.policy, norm=args.norm, measure_batches=args.measure_batches, steps=args.steps, data_dir=args.data_dir)
+                    samples=args.samples, policy=args.policy, norm=args.norm, measure_batches=args.measure_batches,
+                    steps=args.steps, data_dir=args.data_dir)
         result = run(spec, args.out)
         print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
     else:

@@ -65,7 +65,7 @@ def _sample_std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _mean_curve(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+def mean_curve(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """Seed-averaged dev curve, zero-shot at 0 forward passes, over the evaluations all seeds have."""
     curves = [[(0, r["zero_shot"])] + [(e["forward_passes"], e["dev"]) for e in r.get("evals", [])] for r in results]
     length = min(len(c) for c in curves)
@@ -83,7 +83,7 @@ def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
     best = select_lr(dev)
     chosen = [by_lr[best][s] for s in sorted(by_lr[best])]
     tests = [r["test"] for r in chosen]
-    curve = _mean_curve(chosen)
+    curve = mean_curve(chosen)
     return {
         "lr": best, "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
         "test_std": _sample_std(tests), "seeds": sorted(by_lr[best]),
