@@ -133,3 +133,26 @@ def test_a_choice_is_judged_held_out_and_not_at_all_where_the_dense_signal_is_no
                                {"stats": good, "chosen": ["a"]}])
     assert checks["gain_held_out"] == [None, 0.0]  # a noise-only measurement judges nothing; {b} has no signal
     assert checks["dense_signal_positive"] == "2/3"
+
+
+def test_a_report_keeps_the_recorded_rows_of_runs_it_cannot_see_and_refreshes_those_it_can(tmp_path) -> None:
+    import json
+    import shutil
+
+    from benchmarks.oracle import OUT, report
+
+    recorded = json.loads((OUT / "oracle.json").read_text())
+    run = next(OUT.glob("runs/*/*/results.json"))
+    result = json.loads(run.read_text())
+    stale = next(r for r in recorded["runs"] if (r["task"], r["label"], r["seed"])
+                 == (result["task"], result["label"], result["seed"]))
+    gone = next(r for r in recorded["runs"] if r["label"] != result["label"])
+    (tmp_path / "oracle.json").write_text(json.dumps({"runs": [gone, {**stale, "test": -1.0}]}))
+    target = tmp_path / "runs" / run.parent.parent.name / run.parent.name
+    target.mkdir(parents=True)
+    shutil.copy(run, target / "results.json")
+    rows = {(r["task"], r["label"], r["seed"]): r for r in report(tmp_path)["runs"]}
+    assert set(rows) == {(gone["task"], gone["label"], gone["seed"]), (result["task"], result["label"], result["seed"])}
+    assert rows[(result["task"], result["label"], result["seed"])]["test"] == result["test"]
+    assert rows[(gone["task"], gone["label"], gone["seed"])] == gone
+    assert (tmp_path / "oracle.md").read_text().count(gone["label"]) == 1
