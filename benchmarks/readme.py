@@ -7,6 +7,7 @@ the result file stays the one owner of the numbers:
 * ``accuracy``: a `curvzo bench` profile's ``accuracy.md``; the block is its status paragraph, its
   main table and its summary bullets, verbatim;
 * ``accuracy-table``: the main table of an ``accuracy.md`` alone (the README's summary);
+* ``oracle``: ``benchmarks.oracle``'s ``oracle.md``; the block is its table, fenced as there;
 * ``step-cost``: a ``benchmarks.step_cost`` JSON, rendered by :func:`benchmarks.step_cost.readme_table`;
 * ``demo``: the timing of the demo by ``benchmarks.demo``, rendered by :func:`benchmarks.demo.readme_block`.
 
@@ -58,10 +59,21 @@ def accuracy_table(markdown: str) -> str:
     return "\n".join(_accuracy_parts(markdown)[1]) + "\n"
 
 
+def oracle_table(markdown: str) -> str:
+    """The fenced table of an ``oracle.md``, fences included."""
+    lines = markdown.splitlines()
+    if lines.count("```") < 2:
+        raise ValueError("the oracle.md it names has no fenced table")
+    start = lines.index("```")
+    end = lines.index("```", start + 1)
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
 #: How each kind of block is made from the text of its file.
 RENDERERS = {
     "accuracy": accuracy_block,
     "accuracy-table": accuracy_table,
+    "oracle": oracle_table,
     "step-cost": lambda text: readme_table(json.loads(text)),
     "demo": lambda text: readme_block(json.loads(text)),
 }

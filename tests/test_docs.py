@@ -194,3 +194,14 @@ def test_train_help_points_at_the_task_format() -> None:
     train = next(a for a in _parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
     assert "docs/api.md#your-own-data" in " ".join(train.format_help().split())
     assert "## Your own data" in API and "docs/api.md#your-own-data" in (REPO / "README.md").read_text()
+
+
+def test_the_oracle_block_is_the_fenced_table_of_its_file(tmp_path) -> None:
+    from benchmarks import readme
+
+    (tmp_path / "oracle.md").write_text("# Oracle\n\nprose\n\n```\ntask  run\n----  ---\nmr    a s0\n```\n\nmore\n")
+    out = readme.render("<!-- oracle:begin oracle.md -->\nold\n<!-- oracle:end -->\n", root=tmp_path)
+    assert out == "<!-- oracle:begin oracle.md -->\n```\ntask  run\n----  ---\nmr    a s0\n```\n<!-- oracle:end -->\n"
+    (tmp_path / "oracle.md").write_text("# Oracle\n\nno table\n")
+    with pytest.raises(ValueError, match="no fenced table"):
+        readme.render(out, root=tmp_path)
