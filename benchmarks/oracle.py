@@ -61,6 +61,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks._common import DEFAULT_DATA_DIR, RESULTS_DIR, format_table, quiet_transformers, save_figure, write_json
+from benchmarks.online import Bandit, Probe, ProbeStats, newton_lr, spearman
 from curvzo import scoring
 from curvzo.bench.report import forward_to_reach, mean_curve
 from curvzo.config import TrainConfig
@@ -74,6 +75,9 @@ LONG_ACCURACY = RESULTS_DIR / "long" / "accuracy.json"
 #: MeZO's dev-selected lr per task in the ``long`` profile (benchmarks/results/long/accuracy.md).
 MEZO_LR = {"sst2": 5e-5, "mr": 1e-4, "cb": 5e-5, "boolq": 2e-4}
 
+#: The ``curvzo`` preset's dev-selected lr per task in the ``long`` profile.
+CURVZO_LR = {"sst2": 2.5e-5, "mr": 1e-4, "cb": 2.5e-5, "boolq": 1e-4}
+
 #: The ``long`` protocol, so that runs compare with its finished MeZO rows.
 LONG = dict(steps=400, batch_size=16, max_length=64, num_train=1000, num_dev=100, num_test=300, eval_every=50)
 
@@ -85,9 +89,10 @@ NORM = "norm"  # norm gains and biases (vectors): perturbed at every step, or ne
 
 
 # ------------------------------------------------------------------------------------ groups
-def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
+def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor, band: int = 1) -> str:
     """The oracle's group of a trainable tensor: ``embed`` (tied embedding / LM head), ``norm``
-    (every vector), ``L<i>.attn`` / ``L<i>.mlp`` (a decoder layer's halves), else the name."""
+    (every vector), ``L<i>.attn`` / ``L<i>.mlp`` (the halves of ``band`` consecutive decoder layers
+    from layer i), else the name."""
     if param is embedding:
         return "embed"
     if param.dim() < 2:
@@ -96,11 +101,12 @@ def group_of(name: str, param: torch.Tensor, embedding: torch.Tensor) -> str:
     if match is None:
         return name
     kind = "attn" if "attn" in name else "mlp" if "mlp" in name else "other"
-    return f"L{int(match.group(1)):02d}.{kind}"
+    first = int(match.group(1)) // band * band
+    return f"L{first:02d}.{kind}"
 
 
-def group_names(named: Sequence[tuple[str, torch.nn.Parameter]], embedding: torch.Tensor) -> list[str]:
-    return [group_of(name, p, embedding) for name, p in named]
+def group_names(named: Sequence[tuple[str, torch.nn.Parameter]], embedding: torch.Tensor, band: int = 1) -> list[str]:
+    return [group_of(name, p, embedding, band) for name, p in named]
 
 
 def by_group(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
@@ -228,27 +234,61 @@ class Spec:
     groups: int
     refresh: int = 25
     samples: int = 4
-    policy: str = "gsl"  # "gsl" (oracle) or "random" (the same subspace update on random groups)
+    #: "gsl" (oracle), "random" (the same subspace update on random groups), "online" (the
+    #: forward-only bandit of ``benchmarks.online``), "dense" (every group, the online step rule)
+    #: or "curvzo" (the ``curvzo`` preset at its selected lr, its block scores judged by the oracle)
+    policy: str = "gsl"
     norm: bool = False  # whether the norm gains are perturbed at every step
     measure_batches: int = 1  # training batches the signal and energy are measured on (from the next)
     steps: int = LONG["steps"]
     data_dir: str = str(DEFAULT_DATA_DIR)
     model: str = "smollm2-135m"
+    band: int = 1  # decoder layers per group
+    hold: int = 5  # online: steps a pulled arm stays perturbed
+    explore: float = 0.25  # online: probability that a hold pulls the stalest arm
+    forget: float = 0.99  # online: per-step decay of the arms' sums
+
+    @property
+    def scored(self) -> bool:
+        """Whether the run is driven by forward-only scores (``online``, ``dense``, ``curvzo``) that
+        the oracle measurements every ``refresh`` steps judge, rather than chosen by them."""
+        return self.policy in ("online", "dense", "curvzo")
+
+    @property
+    def online(self) -> bool:
+        """Whether the step rule is the forward-only one (``kappa`` is then the Newton factor and
+        ``refresh`` the steps between the oracle measurements that score it, 0 for none)."""
+        return self.policy in ("online", "dense")
 
     @property
     def label(self) -> str:
         steps = "" if self.steps == LONG["steps"] else f"-n{self.steps}"
         norm = "-norm" if self.norm else ""
         batches = f"-m{self.measure_batches}" if self.measure_batches > 1 else ""
-        return f"{self.policy}-k{self.groups}{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
+        band = f"-b{self.band}" if self.band > 1 else ""
+        if self.policy == "online":
+            return (f"online{band}-h{self.hold}-x{self.explore:g}-f{self.forget:g}{norm}-kappa{self.kappa:g}"
+                    f"-r{self.refresh}{batches}{steps}")
+        if self.policy == "dense":
+            return f"dense{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
+        if self.policy == "curvzo":
+            return f"curvzo{band}-r{self.refresh}{batches}{steps}"
+        return f"{self.policy}-k{self.groups}{band}{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.task / f"{self.label}-s{self.seed}"
 
 
 def _config(spec: Spec) -> TrainConfig:
-    return TrainConfig(model=spec.model, task=spec.task, data_dir=spec.data_dir, method="mezo", seed=spec.seed,
-                       lr=MEZO_LR[spec.task], embedding_rows=True, rounding="nearest", **{**LONG, "steps": spec.steps})
+    method, lr = ("curvzo", CURVZO_LR[spec.task]) if spec.policy == "curvzo" else ("mezo", MEZO_LR[spec.task])
+    return TrainConfig(model=spec.model, task=spec.task, data_dir=spec.data_dir, method=method, seed=spec.seed,
+                       lr=lr, embedding_rows=True, rounding="nearest", **{**LONG, "steps": spec.steps})
+
+
+def _group_scores(optimizer: Any, named: Sequence[tuple[str, torch.nn.Parameter]], groups: Sequence[str]) -> dict[str, float]:
+    """The CurvZO preset's block scores summed into the oracle's groups (norm gains left out)."""
+    scores = optimizer.scores
+    return by_group([float(scores[optimizer.blocks_of(p)].sum()) for _, p in named], groups) | {NORM: 0.0}
 
 
 def _mask(optimizer: Any, named: Sequence[tuple[str, torch.nn.Parameter]], groups: Sequence[str],
@@ -275,7 +315,7 @@ def _select(spec: Spec, stats: dict[str, dict[str, float]], step: int) -> list[s
 
 
 def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]:
-    """Train one oracle run (resuming from its checkpoint) and write its ``results.json``."""
+    """Train one run (resuming from its checkpoint) and write its ``results.json``."""
     folder = spec.folder(out)
     if (folder / "results.json").exists():
         return json.loads((folder / "results.json").read_text())
@@ -283,13 +323,17 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     cfg = _config(spec)
     task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
     optimizer = build_training_optimizer(cfg, model, named)
-    groups = group_names(named, model.get_input_embeddings().weight)
+    groups = group_names(named, model.get_input_embeddings().weight, spec.band)
     numel = by_group([p.numel() for _, p in named], groups)
     params = [p for _, p in named]
+    arms = sorted(set(groups) - {NORM})
+    bandit = Bandit(arms, hold=spec.hold, explore=spec.explore, forget=spec.forget, kappa=spec.kappa,
+                    seed=spec.seed)
     state = _resume(folder, named, optimizer)
     if state is None:
         state = {"step": 0, "forward_passes": 0, "evals": [], "measurements": [], "best_dev": None,
-                 "best_step": 0, "wall_time_s": 0.0, "measure_time_s": 0.0, "guard": {}, "backoffs": []}
+                 "best_step": 0, "wall_time_s": 0.0, "measure_time_s": 0.0, "guard": {}, "backoffs": [],
+                 "bandit": bandit.new_state(), "dense_curvature": None, "log": []}
         state["zero_shot"] = state["best_dev"] = evaluate(model, tokenizer, task, dev_set, cfg)
         save_file(weights_on_cpu(named), folder / "best.safetensors")
         _checkpoint(folder, named, optimizer, state)
@@ -298,19 +342,30 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     diverged = None
     while state["step"] < cfg.steps:
         step = state["step"]
-        if chosen is None or step % spec.refresh == 0:
+        if spec.scored:
+            if spec.refresh and step and step % spec.refresh == 0:
+                scores = (_group_scores(optimizer, named, groups) if spec.policy == "curvzo"
+                          else bandit.scores(state["bandit"]))
+                _score_online(spec, state, scores, model, tokenizer, params, groups, train_set, cfg, step)
+            chosen = [bandit.plan(state["bandit"], step)] if spec.policy == "online" else arms
+        elif chosen is None or step % spec.refresh == 0:
             chosen, lr = _refresh(spec, state, model, tokenizer, params, groups, numel, train_set, cfg, step)
         clock = time.perf_counter()
         batch = scoring.encode(tokenizer, train_batch(train_set, step, cfg), max_length=cfg.max_length)
-        mask = _mask(optimizer, named, groups, set(chosen), active_blocks(optimizer, model, batch))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = optimizer.step(lambda: scoring.classification_loss(model, batch), active=mask)
+        rows = active_blocks(optimizer, model, batch)
+        mask = rows if spec.policy == "curvzo" else _mask(optimizer, named, groups, set(chosen), rows)
+        if lr is not None:
+            _set_lr(optimizer, lr)
+        after = (lambda stats: _set_lr(optimizer, _online_lr(spec, state, bandit, chosen, stats))) if spec.online else None
+        probe = Probe(model, batch, cfg.eps, after=after)
+        loss = optimizer.step(probe, active=mask)
         state["step"] += 1
         state["forward_passes"] += 2 * cfg.batch_size
         state["wall_time_s"] += time.perf_counter() - clock
+        _observe(spec, state, bandit, chosen, probe.stats, optimizer.param_groups[0]["lr"], step)
         if progress and state["step"] % 10 == 0:
-            print(f"{spec.task} {spec.label} s{spec.seed} step {state['step']} loss {loss:.4f} lr {lr:.3g}",
+            print(f"{spec.task} {spec.label} s{spec.seed} step {state['step']} loss {loss:.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.3g} {','.join(chosen) if len(chosen) < 5 else 'all'}",
                   file=sys.stderr, flush=True)
         if guard.update(loss):
             diverged = f"step {state['step']}: {guard.describe()}"
@@ -334,14 +389,56 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
                "kappa": spec.kappa, "kappa_final": _kappa(spec, state),
                "backoffs": state["backoffs"], "groups": spec.groups, "norm": spec.norm, "refresh": spec.refresh,
                "samples": spec.samples, "measure_batches": spec.measure_batches, "mezo_lr": MEZO_LR[spec.task],
+               "band": spec.band, "hold": spec.hold, "explore": spec.explore, "forget": spec.forget,
                "zero_shot": state["zero_shot"], "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
                "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
                "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
-               "measurements": state["measurements"], **({"diverged": diverged} if diverged else {})}
+               "measurements": state["measurements"], "log": state["log"],
+               **({"diverged": diverged} if diverged else {})}
     write_json(folder / "results.json", results)
     for name in ("best.safetensors", "checkpoint.safetensors", "checkpoint.pt"):
         (folder / name).unlink(missing_ok=True)
     return results
+
+
+def _set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _online_lr(spec: Spec, state: dict[str, Any], bandit: Bandit, chosen: list[str], stats: ProbeStats) -> float:
+    """The forward-only step length of this step (``benchmarks.online``): kappa over the curvature
+    along z, floored at half the running curvature of the pulled arm (or of the dense set)."""
+    running = bandit.running_curvature(state["bandit"], chosen[0]) if spec.policy == "online" else state["dense_curvature"]
+    return newton_lr(_kappa(spec, state), stats.curvature, running, floor=0.5)
+
+
+def _observe(spec: Spec, state: dict[str, Any], bandit: Bandit, chosen: list[str], stats: ProbeStats | None,
+             lr: float, step: int) -> None:
+    """Log the step's forward-only statistics; the online rules learn from them."""
+    if stats is None:
+        return
+    state["log"].append({"step": step, "lr": lr, **stats.as_dict(), **({"arm": chosen[0]} if spec.policy == "online" else {})})
+    if spec.policy == "online":
+        bandit.observe(state["bandit"], chosen[0], stats)
+    elif spec.policy == "dense":
+        previous = state["dense_curvature"]
+        state["dense_curvature"] = stats.curvature if previous is None else 0.9 * previous + 0.1 * stats.curvature
+
+
+def _score_online(spec: Spec, state: dict[str, Any], scores: dict[str, float], model: torch.nn.Module,
+                  tokenizer: Any, params: list, groups: list[str], train_set: list, cfg: TrainConfig, step: int) -> None:
+    """Measure the oracle's statistics at ``step`` beside a forward-only rule's group scores (once
+    per step, also across a resume): what the rank correlation of those scores is computed from."""
+    if any(m["step"] == step for m in state["measurements"]):
+        return
+    clock = time.perf_counter()
+    batches = [scoring.encode(tokenizer, train_batch(train_set, step + i, cfg), max_length=cfg.max_length)
+               for i in range(spec.measure_batches)]
+    gen = torch.Generator().manual_seed(10_007 * spec.seed + step + 1)
+    stats = group_stats(measure(model, params, batches, spec.samples, gen), groups)
+    state["measurements"].append({"step": step, "stats": stats, "online_scores": scores})
+    state["measure_time_s"] += time.perf_counter() - clock
 
 
 def _back_off(folder: Path, named: list, optimizer: Any, current: dict[str, Any], why: str) -> dict[str, Any]:
@@ -442,6 +539,33 @@ def selection_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio_rank_correlation": rho, "dense_signal_positive": f"{sum(x > 0 for x in signal)}/{len(signal)}"}
 
 
+def online_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well the bandit's scores rank the groups by the oracle's signal/curvature ratio, measured
+    at the same step: the median Spearman correlation over the measurements (groups the bandit
+    has not pulled yet score 0 and are ranked with the rest)."""
+    rho = []
+    for m in measurements:
+        names = sorted(g for g in m["online_scores"] if g != NORM)
+        rho.append(spearman([m["online_scores"][g] for g in names],
+                            [m["stats"][g]["signal"] / m["stats"][g]["trace"] for g in names]))
+    signal = [sum(s["signal"] for s in m["stats"].values()) for m in measurements]
+    return {"online_score_correlation_median": _median(rho), "online_score_correlation": rho,
+            "gain_in_sample_median": None, "gain_held_out_median": None, "ratio_rank_correlation_median": None,
+            "dense_signal_positive": f"{sum(x > 0 for x in signal)}/{len(signal)}"}
+
+
+def _checks(result: dict[str, Any]) -> dict[str, Any]:
+    scored = result["policy"] in ("online", "dense", "curvzo")
+    return online_checks(result["measurements"]) if scored else selection_checks(result["measurements"])
+
+
+def _lr_median(result: dict[str, Any]) -> float:
+    """The run's median step lr: from its log (forward-only rules), else from its measurements' scales."""
+    if result.get("log"):
+        return statistics.median(entry["lr"] for entry in result["log"])
+    return MEZO_LR[result["task"]] * result["kappa_final"] * statistics.median(m["scale"] for m in result["measurements"])
+
+
 def _median(values: Sequence[float | None]) -> float | None:
     """Median of the defined values (None where there are none)."""
     kept = [v for v in values if v is not None and math.isfinite(v)]
@@ -498,10 +622,8 @@ def report(out: Path = OUT) -> dict[str, Any]:
                                             "kappa_final", "zero_shot", "best_dev", "best_step", "test",
                                             "forward_passes", "wall_time_s", "measure_time_s")}
                     | {"discarded_forward_passes": sum(b["forward_passes_discarded"] for b in result["backoffs"]),
-                       "lr_median": MEZO_LR[task] * result["kappa_final"]
-                       * statistics.median(m["scale"] for m in result["measurements"]),
-                       "curve": mean_curve([result])}
-                    | compare(result, mezo[task]) | selection_checks(result["measurements"]))
+                       "lr_median": _lr_median(result), "curve": mean_curve([result])}
+                    | compare(result, mezo[task]) | _checks(result))
     found = {_run_key(r) for r in rows}
     rows += [r for key, r in recorded.items() if key not in found]
     rows.sort(key=_run_key)
@@ -548,6 +670,10 @@ COLUMNS = """\
   measurements whose dense signal is not positive judge nothing and are left out.
 - **rank rho**: median Spearman correlation of the groups' signal/curvature ratios between
   consecutive measurements; **signal>0**: measurements whose summed signal is positive.
+- **score rho** (forward-only runs, ``online``): median Spearman correlation of the bandit's scores
+  with the oracle's signal/curvature ratios measured at the same step (every ``r`` steps).
+- ``online`` and ``dense`` rows use the forward-only step rule (``benchmarks.online``): kappa is
+  its Newton factor, not a multiple of the oracle's rule; ``dense`` is MeZO with that rule.
 """
 
 
@@ -582,11 +708,11 @@ def _fmt(value: float | None) -> str:
 
 def _table(doc: dict[str, Any]) -> str:
     headers = ["task", "run", "kappa", "lr/mezo", "dev", "test", "vs mezo (pts)", "fwd ratio",
-               "gain in/held", "rank rho", "signal>0"]
+               "gain in/held", "rank rho", "score rho", "signal>0"]
     rows = [[r["task"], f"{r['label']} s{r['seed']}", r["kappa_final"], r["lr_median"] / doc["mezo_lr"][r["task"]],
              r["best_dev"], r["test"], r["oracle_minus_mezo_points"], r["forward_ratio_to_mezo_final"],
              f"{_fmt(r['gain_in_sample_median'])}/{_fmt(r['gain_held_out_median'])}",
-             r["ratio_rank_correlation_median"], r["dense_signal_positive"]]
+             r["ratio_rank_correlation_median"], r.get("online_score_correlation_median"), r["dense_signal_positive"]]
             for r in doc["runs"]]
     return format_table(headers, rows)
 
@@ -602,7 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--groups", type=int, default=4)
     one.add_argument("--refresh", type=int, default=25)
     one.add_argument("--samples", type=int, default=4)
-    one.add_argument("--policy", choices=("gsl", "random"), default="gsl")
+    one.add_argument("--policy", choices=("gsl", "random", "online", "dense", "curvzo"), default="gsl")
+    one.add_argument("--band", type=int, default=1, help="decoder layers per group")
+    one.add_argument("--hold", type=int, default=Spec.hold, help="online: steps per pull")
+    one.add_argument("--explore", type=float, default=Spec.explore, help="online: probability of pulling the stalest arm")
+    one.add_argument("--forget", type=float, default=Spec.forget, help="online: per-step decay of the arms' sums")
     one.add_argument("--norm", action="store_true", help="perturb the norm gains at every step")
     one.add_argument("--measure-batches", type=int, default=1,
                      help="training batches each measurement uses for signal and energy (1: halves of one)")
@@ -616,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
                     samples=args.samples, policy=args.policy, norm=args.norm, measure_batches=args.measure_batches,
-                    steps=args.steps, data_dir=args.data_dir)
+                    steps=args.steps, data_dir=args.data_dir, band=args.band, hold=args.hold,
+                    explore=args.explore, forget=args.forget)
         result = run(spec, args.out)
         print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
     else:
