@@ -267,9 +267,13 @@ def memory_probe(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         work, _ = make_step(kind, model, batch, args)
         reps = args.memory_steps
-    # Page the weights in first (safetensors loads them as a lazy private mapping), so that the
-    # window measures the work and not first-touch residency of the model.
+    # Page every weight in first (safetensors loads them as a lazy private mapping), so that the
+    # window measures the work and not first-touch residency of the model: a label-only forward
+    # reads a few rows of the tied LM head, a ZO update writes all of them, and counting that as
+    # the step's memory would charge training for loading the 108 MiB embedding table.
     with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
         C.label_loss(model, batch)
     gc.collect()
     baseline = C.current_memory_bytes(args.device)
