@@ -22,8 +22,8 @@ the median of within-round ratios. Untimed warm-up first (CurvZO-type methods ta
   ``step(active=...)`` restricted to the rows of the batch's tokens and the two verbalizer tokens)
   and ``adamw`` (first-order: backward + ``torch.optim.AdamW``, for its memory).
 
-Peak memory: one fresh subprocess per measurement; the model and batch are loaded and paged in by
-one label-only forward, the peak is reset (Linux ``/proc/self/clear_refs``; on CUDA
+Peak memory: one fresh subprocess per measurement; the model and batch are loaded, every weight
+is paged in (read once) and one label-only forward runs, the peak is reset (Linux ``/proc/self/clear_refs``; on CUDA
 ``torch.cuda.reset_peak_memory_stats``), the work runs (3 forwards, or ``--memory-steps`` steps),
 and the peak resident set size (CUDA: max allocated) is read. Ratios are to inference with the same
 label-only forward ("inf_label") and with full logits ("inf_full"). The same process then runs one
