@@ -36,7 +36,14 @@ The squared rule, (||g||^2 tr H)/(||g_S||^2 tr H_S) without the root, is rejecte
 a random fraction f, and both of its runs (seed 0, k = 4, norm gains on) diverged, SST-2 at step
 70 from 26x MeZO's lr and MR at step 61 (rejected/squared-scale/).
 
+Forward-only rules run in the same harness and are judged by the same measurements (taken every
+``refresh`` steps, 0 for none, beside their own scores): ``--policy online`` chooses one group at a
+time by the bandit of :mod:`benchmarks.online`, ``--policy dense`` perturbs every group with that
+module's Newton step (MeZO with the normalisation, the control), ``--policy curvzo`` runs the
+``curvzo`` preset at its selected lr so that its block scores can be ranked against the oracle's.
+
     python -m benchmarks.oracle run --task sst2 --kappa 1 --groups 4     # one run, resumable
+    python -m benchmarks.oracle run --task sst2 --policy online --band 5 --kappa 0.1 --refresh 100
     python -m benchmarks.oracle report                                   # oracle.json + table
 
 One run per folder (``<out>/runs/<task>/<label>-s<seed>/``): a checkpoint at each evaluation
