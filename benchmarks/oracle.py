@@ -637,14 +637,20 @@ def report(out: Path = OUT) -> dict[str, Any]:
     for task in {r["task"] for r in rows}:
         mezo.setdefault(task, mezo_runs(task))
     doc = {"mezo_lr": MEZO_LR, "protocol": LONG, "runs": rows,
-           "curvzo_score_correlation": None,
-           "curvzo_score_correlation_note": "needs the long profile's curvzo score trajectories replayed "
-                                            "under their own noise version; not measured yet",
+           "curvzo_score_correlation": _score_correlation(rows, "curvzo"),
+           "online_score_correlation": _score_correlation(rows, "online"),
+           "score_correlation_note": "median over a policy's runs of their median Spearman correlation with "
+                                     "the oracle's signal/curvature ratios (None: no such run yet; "
+                                     "`run --policy curvzo` measures the curvzo preset's)",
            "mezo_curves": {t: [mean_curve([r]) for r in runs] for t, runs in mezo.items()}}
     write_json(out / "oracle.json", doc)
     _figure(doc, out / "oracle.png")
     atomic_write(out / "oracle.md", lambda tmp: tmp.write_text(_markdown(doc)))
     return doc
+
+
+def _score_correlation(rows: list[dict[str, Any]], policy: str) -> float | None:
+    return _median([r.get("online_score_correlation_median") for r in rows if r["policy"] == policy])
 
 
 def _figure(doc: dict[str, Any], path: Path) -> None:
