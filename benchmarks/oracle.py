@@ -233,6 +233,13 @@ def step_scale(stats: dict[str, dict[str, float]], numel: dict[str, float], sub:
 
 
 # ------------------------------------------------------------------------------------ one run
+#: Policies whose runs are driven by forward-only rules (judged by the oracle's measurements, not
+#: chosen by them), and those of them that take the forward-only Newton step.
+SCORED_POLICIES = ("online", "dense", "curvzo")
+NEWTON_POLICIES = ("online", "dense")
+POLICIES = ("gsl", "random", *SCORED_POLICIES)
+
+
 @dataclass(frozen=True)
 class Spec:
     task: str
@@ -259,13 +266,13 @@ class Spec:
     def scored(self) -> bool:
         """Whether the run is driven by forward-only scores (``online``, ``dense``, ``curvzo``) that
         the oracle measurements every ``refresh`` steps judge, rather than chosen by them."""
-        return self.policy in ("online", "dense", "curvzo")
+        return self.policy in SCORED_POLICIES
 
     @property
     def online(self) -> bool:
         """Whether the step rule is the forward-only one (``kappa`` is then the Newton factor and
         ``refresh`` the steps between the oracle measurements that score it, 0 for none)."""
-        return self.policy in ("online", "dense")
+        return self.policy in NEWTON_POLICIES
 
     @property
     def label(self) -> str:
@@ -440,12 +447,20 @@ def _score_online(spec: Spec, state: dict[str, Any], scores: dict[str, float], m
     if any(m["step"] == step for m in state["measurements"]):
         return
     clock = time.perf_counter()
+    stats = _measure_groups(spec, model, tokenizer, params, groups, train_set, cfg, step)
+    state["measurements"].append({"step": step, "stats": stats, "online_scores": scores})
+    state["measure_time_s"] += time.perf_counter() - clock
+
+
+def _measure_groups(spec: Spec, model: torch.nn.Module, tokenizer: Any, params: list, groups: list[str],
+                    train_set: list, cfg: TrainConfig, step: int) -> dict[str, dict[str, float]]:
+    """The oracle's per-group statistics at ``step``, on the ``measure_batches`` training batches
+    from there; the probes have their own generator, a function of (seed, step), so a resumed run
+    measures what the uninterrupted one would have."""
     batches = [scoring.encode(tokenizer, train_batch(train_set, step + i, cfg), max_length=cfg.max_length)
                for i in range(spec.measure_batches)]
     gen = torch.Generator().manual_seed(10_007 * spec.seed + step + 1)
-    stats = group_stats(measure(model, params, batches, spec.samples, gen), groups)
-    state["measurements"].append({"step": step, "stats": stats, "online_scores": scores})
-    state["measure_time_s"] += time.perf_counter() - clock
+    return group_stats(measure(model, params, batches, spec.samples, gen), groups)
 
 
 def _back_off(folder: Path, named: list, optimizer: Any, current: dict[str, Any], why: str) -> dict[str, Any]:
@@ -466,18 +481,12 @@ def _back_off(folder: Path, named: list, optimizer: Any, current: dict[str, Any]
 def _refresh(spec: Spec, state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, params: list,
              groups: list[str], numel: dict[str, float], train_set: list, cfg: TrainConfig,
              step: int) -> tuple[list[str], float]:
-    """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr.
-
-    The probes of each measurement have their own generator, a function of (seed, step), so a
-    resumed run measures what the uninterrupted one would have."""
+    """Measure (or read back after a resume) the oracle statistics of ``step``; choose S and its lr."""
     done = {m["step"]: m for m in state["measurements"]}
     block = step - step % spec.refresh
     if block not in done:
         clock = time.perf_counter()
-        batches = [scoring.encode(tokenizer, train_batch(train_set, block + i, cfg), max_length=cfg.max_length)
-                   for i in range(spec.measure_batches)]
-        gen = torch.Generator().manual_seed(10_007 * spec.seed + block + 1)
-        stats = group_stats(measure(model, params, batches, spec.samples, gen), groups)
+        stats = _measure_groups(spec, model, tokenizer, params, groups, train_set, cfg, block)
         chosen = _select(spec, stats, block)
         done[block] = {"step": block, "stats": stats, "chosen": chosen, "scale": step_scale(stats, numel, chosen)}
         state["measurements"].append(done[block])
@@ -562,7 +571,7 @@ def online_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _checks(result: dict[str, Any]) -> dict[str, Any]:
-    scored = result["policy"] in ("online", "dense", "curvzo")
+    scored = result["policy"] in SCORED_POLICIES
     return online_checks(result["measurements"]) if scored else selection_checks(result["measurements"])
 
 
@@ -741,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--groups", type=int, default=4)
     one.add_argument("--refresh", type=int, default=25)
     one.add_argument("--samples", type=int, default=4)
-    one.add_argument("--policy", choices=("gsl", "random", "online", "dense", "curvzo"), default="gsl")
+    one.add_argument("--policy", choices=POLICIES, default="gsl")
     one.add_argument("--band", type=int, default=1, help="decoder layers per group")
     one.add_argument("--hold", type=int, default=Spec.hold, help="online: steps per pull")
     one.add_argument("--explore", type=float, default=Spec.explore, help="online: probability of pulling the stalest arm")
