@@ -549,10 +549,9 @@ def selection_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
         names = sorted(g for g in now["stats"] if g != NORM)
         rho.append(float(spearmanr([now["stats"][g]["signal"] / now["stats"][g]["trace"] for g in names],
                                    [later["stats"][g]["signal"] / later["stats"][g]["trace"] for g in names]).statistic))
-    signal = [sum(s["signal"] for s in m["stats"].values()) for m in measurements]
     return {"gain_in_sample_median": _median(in_sample), "gain_held_out_median": _median(held_out),
             "ratio_rank_correlation_median": _median(rho), "gain_in_sample": in_sample, "gain_held_out": held_out,
-            "ratio_rank_correlation": rho, "dense_signal_positive": f"{sum(x > 0 for x in signal)}/{len(signal)}"}
+            "ratio_rank_correlation": rho, "dense_signal_positive": _signal_positive(measurements)}
 
 
 def online_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -564,10 +563,15 @@ def online_checks(measurements: list[dict[str, Any]]) -> dict[str, Any]:
         names = sorted(g for g in m["online_scores"] if g != NORM)
         rho.append(spearman([m["online_scores"][g] for g in names],
                             [m["stats"][g]["signal"] / m["stats"][g]["trace"] for g in names]))
-    signal = [sum(s["signal"] for s in m["stats"].values()) for m in measurements]
     return {"online_score_correlation_median": _median(rho), "online_score_correlation": rho,
             "gain_in_sample_median": None, "gain_held_out_median": None, "ratio_rank_correlation_median": None,
-            "dense_signal_positive": f"{sum(x > 0 for x in signal)}/{len(signal)}"}
+            "dense_signal_positive": _signal_positive(measurements)}
+
+
+def _signal_positive(measurements: list[dict[str, Any]]) -> str | None:
+    """"positive/all" over the measurements whose summed signal is positive; None without any."""
+    signal = [sum(s["signal"] for s in m["stats"].values()) for m in measurements]
+    return f"{sum(x > 0 for x in signal)}/{len(signal)}" if signal else None
 
 
 def _checks(result: dict[str, Any]) -> dict[str, Any]:

@@ -525,6 +525,7 @@ def test_a_grid_with_pack_runs_resumes_and_skips_from_its_archive(tiny_dir, data
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu", "quick"])
+@pytest.mark.usefixtures("data_dir")  # the tables' majority-label row reads the task data
 def test_the_committed_tables_regenerate_from_the_committed_archive(tmp_path, profile):
     """`curvzo bench --aggregate-only` from the repository root, run on a copy in a temporary folder."""
     import shutil

@@ -1,0 +1,164 @@
+"""Does table noise train like generated Gaussian noise? MeZO's `long` runs, repeated with this engine.
+
+The engine's Gaussian noise reads windows of one fixed table (noise version 3): drawing costs
+nothing, but the directions of a step are no longer independent draws. The ``long`` profile's
+MeZO runs at its selected lr were made with noise version 2, where every unit of 16,384 elements
+was drawn by its own generator. ``run`` repeats such a run with this engine, every config key
+the same but the folder, and ``report`` sets the two dev curves and test accuracies side by side,
+with the spread of the version-2 seeds as the yardstick of seed noise: a gap within it is no
+measurable cost of the table.
+
+    python -m benchmarks.noise_curve run --task sst2 --seed 0     # one run (~30 min, resumable)
+    python -m benchmarks.noise_curve report                       # noise_curve.json/.md/.png
+
+Runs live in ``<out>/runs/<task>/mezo-s<seed>/``; ``report`` copies what it compares into
+``noise_curve.json``, the committed record (run folders are working state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curvzo.bench.store import read_record
+from curvzo.config import TrainConfig
+
+from . import _common as C
+
+OUT = C.RESULTS_DIR / "noise_curve"
+LONG = C.RESULTS_DIR / "long"
+TASKS = ("sst2", "mr")
+
+
+def selected_lr(task: str) -> float:
+    """The lr the ``long`` profile selected for MeZO (full parameters) on ``task``."""
+    doc = json.loads((LONG / "accuracy.json").read_text())
+    return next(t["methods"]["mezo"]["full"]["lr"] for t in doc["tasks"] if t["task"] == task)
+
+
+def long_run(task: str, seed: int) -> Path:
+    """The folder of the ``long`` profile's MeZO run at its selected lr and ``seed``."""
+    doc = json.loads((LONG / "accuracy.json").read_text())
+    lr = selected_lr(task)
+    path = next(r["path"] for r in doc["runs"] if r["task"] == task and r["method"] == "mezo"
+                and r["mode"] == "full" and r["lr"] == lr and r["seed"] == seed)
+    return LONG / "runs" / task / Path(path).name
+
+
+def long_record(task: str, seed: int, name: str) -> bytes:
+    record = read_record(long_run(task, seed), name)
+    if record is None:
+        raise FileNotFoundError(f"the long profile has no {name} for {task} seed {seed}")
+    return record
+
+
+def config(task: str, seed: int, out: Path = OUT, data_dir: str | None = None) -> TrainConfig:
+    """The ``long`` run's config with this benchmark's folder (and, if given, data folder)."""
+    values = yaml.safe_load(long_record(task, seed, "config.yaml"))
+    values["output_dir"] = str(out / "runs" / task / f"mezo-s{seed}")
+    values["keep"] = "trajectory"
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return TrainConfig(**values)
+
+
+def run(task: str, seed: int, out: Path = OUT, data_dir: str | None = None) -> dict[str, Any]:
+    import curvzo
+
+    cfg = config(task, seed, out, data_dir)
+    folder = Path(cfg.output_dir)
+    if (folder / "results.json").exists():
+        return json.loads((folder / "results.json").read_text())
+    return curvzo.train(cfg, resume=folder.exists() and any(folder.iterdir()))
+
+
+def _curve(results: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, dev) of a run's evaluations, from step 0 (its zero-shot accuracy)."""
+    return [(0, results["zero_shot"]), *((e["step"], e["dev"]) for e in results["evals"])]
+
+
+def report(out: Path = OUT) -> dict[str, Any]:
+    rows = []
+    for task in TASKS:
+        generated = {s: json.loads(long_record(task, s, "results.json")) for s in (0, 1, 2)}
+        for folder in sorted((out / "runs" / task).glob("mezo-s*")):
+            if not (folder / "results.json").exists():
+                continue
+            seed = int(folder.name.removeprefix("mezo-s"))
+            table = json.loads((folder / "results.json").read_text())
+            tests = [r["test"] for r in generated.values()]
+            rows.append({
+                "task": task, "seed": seed, "lr": table["lr"],
+                "table_test": table["test"], "generated_test": generated[seed]["test"],
+                "table_best_dev": table["best_dev"], "generated_best_dev": generated[seed]["best_dev"],
+                "generated_test_seeds": tests, "generated_test_spread": max(tests) - min(tests),
+                "table_curve": _curve(table), "generated_curve": _curve(generated[seed]),
+            })
+    doc = {"environment": C.environment(), "runs": rows}
+    C.write_json(out / "noise_curve.json", doc)
+    (out / "noise_curve.md").write_text(_markdown(rows))
+    if rows:
+        _figure(rows, out / "noise_curve.png")
+    print(_markdown(rows))
+    return doc
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    table = C.format_table(
+        ["task", "seed", "lr", "test table", "test generated", "gap (pts)", "3-seed spread (pts)",
+         "best dev table", "best dev generated"],
+        [[r["task"], r["seed"], r["lr"], r["table_test"], r["generated_test"],
+          100 * (r["table_test"] - r["generated_test"]), 100 * r["generated_test_spread"],
+          r["table_best_dev"], r["generated_best_dev"]] for r in rows])
+    return ("# Table noise against generated Gaussian noise (MeZO, `long` protocol)\n\n"
+            "Generated by `python -m benchmarks.noise_curve report`. *table*: this engine (noise version 3); "
+            "*generated*: the `long` profile's run of the same config and seed (noise version 2); the spread "
+            "is max - min test accuracy over the `long` profile's three seeds at that lr.\n\n"
+            f"```\n{table}\n```\n\n![dev curves](noise_curve.png)\n")
+
+
+def _figure(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for key, style in (("generated_curve", "--"), ("table_curve", "-")):
+            steps, dev = zip(*r[key]) if r[key] else ((), ())
+            ax.plot(steps, dev, style, marker="o", ms=3, label=key.split("_")[0])
+        ax.set(title=f"{r['task']} seed {r['seed']} (lr {r['lr']:g})", xlabel="step", ylabel="dev accuracy")
+        ax.legend()
+    fig.tight_layout()
+    C.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.noise_curve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="repeat one long MeZO run with this engine's noise")
+    one.add_argument("--task", choices=TASKS, required=True)
+    one.add_argument("--seed", type=int, choices=(0, 1, 2), default=0)
+    one.add_argument("--data-dir", default=None, help="default: the long run's")
+    one.add_argument("--out", type=Path, default=OUT)
+    summary = sub.add_parser("report", help="compare the finished runs with the long profile's")
+    summary.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        result = run(args.task, args.seed, args.out, args.data_dir)
+        print(f"{args.task} seed {args.seed}: test {result['test']}", file=sys.stderr)
+        return 0
+    report(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The noise-curve benchmark repeats a `long` run exactly: same config, its own folder."""
+
+from __future__ import annotations
+
+import yaml
+
+from benchmarks import noise_curve
+from curvzo.config import TrainConfig
+
+
+def test_a_repeated_run_differs_from_the_long_run_only_in_its_folder_and_what_it_keeps(tmp_path):
+    for task in noise_curve.TASKS:
+        for seed in (0, 1, 2):
+            original = TrainConfig(**yaml.safe_load(noise_curve.long_record(task, seed, "config.yaml")))
+            repeat = noise_curve.config(task, seed, tmp_path)
+            assert original.lr == noise_curve.selected_lr(task) and original.method == "mezo"
+            assert sorted(repeat.differences(original)) == ["keep", "output_dir"]
+            assert repeat.output_dir == str(tmp_path / "runs" / task / f"mezo-s{seed}")
+
+
+def test_the_report_compares_a_finished_run_with_the_long_run_of_its_seed(tmp_path):
+    long = noise_curve.long_record("mr", 1, "results.json")
+    folder = tmp_path / "runs" / "mr" / "mezo-s1"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_bytes(long)
+    doc = noise_curve.report(tmp_path)
+    (row,) = doc["runs"]
+    assert (row["task"], row["seed"]) == ("mr", 1)
+    assert row["table_test"] == row["generated_test"] and row["table_curve"] == row["generated_curve"]
+    assert row["generated_test"] in row["generated_test_seeds"] and len(row["generated_curve"]) == 9
+    assert (tmp_path / "noise_curve.png").stat().st_size > 0
