@@ -39,7 +39,9 @@ a random fraction f, and both of its runs (seed 0, k = 4, norm gains on) diverge
 Forward-only rules run in the same harness and are judged by the same measurements (taken every
 ``refresh`` steps, 0 for none, beside their own scores): ``--policy online`` chooses one group at a
 time by the bandit of :mod:`benchmarks.online`, ``--policy dense`` perturbs every group with that
-module's Newton step (MeZO with the normalisation, the control), ``--policy curvzo`` runs the
+module's Newton step (MeZO with the normalisation, the control), ``--policy fixed`` perturbs a
+fixed band of decoder layers (``--layers``, attention and MLP) with the same step: a prior, chosen
+once where the oracle's choices concentrate, that costs nothing to apply; ``--policy curvzo`` runs the
 ``curvzo`` preset at its selected lr so that its block scores can be ranked against the oracle's.
 
     python -m benchmarks.oracle run --task sst2 --kappa 1 --groups 4     # one run, resumable
@@ -235,8 +237,8 @@ def step_scale(stats: dict[str, dict[str, float]], numel: dict[str, float], sub:
 # ------------------------------------------------------------------------------------ one run
 #: Policies whose runs are driven by forward-only rules (judged by the oracle's measurements, not
 #: chosen by them), and those of them that take the forward-only Newton step.
-SCORED_POLICIES = ("online", "dense", "curvzo")
-NEWTON_POLICIES = ("online", "dense")
+SCORED_POLICIES = ("online", "dense", "fixed", "curvzo")
+NEWTON_POLICIES = ("online", "dense", "fixed")
 POLICIES = ("gsl", "random", *SCORED_POLICIES)
 
 
@@ -250,7 +252,8 @@ class Spec:
     samples: int = 4
     #: "gsl" (oracle), "random" (the same subspace update on random groups), "online" (the
     #: forward-only bandit of ``benchmarks.online``), "dense" (every group, the online step rule)
-    #: or "curvzo" (the ``curvzo`` preset at its selected lr, its block scores judged by the oracle)
+    #: "fixed" (the decoder layers ``layers``, the online step rule) or "curvzo" (the ``curvzo``
+    #: preset at its selected lr, its block scores judged by the oracle)
     policy: str = "gsl"
     norm: bool = False  # whether the norm gains are perturbed at every step
     measure_batches: int = 1  # training batches the signal and energy are measured on (from the next)
@@ -261,6 +264,7 @@ class Spec:
     hold: int = 5  # online: steps a pulled arm stays perturbed
     explore: float = 0.25  # online: probability that a hold pulls the stalest arm
     forget: float = 0.99  # online: per-step decay of the arms' sums
+    layers: str = "14-17"  # fixed: the first and last decoder layer perturbed (attention and MLP)
 
     @property
     def scored(self) -> bool:
@@ -285,9 +289,16 @@ class Spec:
                     f"-r{self.refresh}{batches}{steps}")
         if self.policy == "dense":
             return f"dense{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
+        if self.policy == "fixed":
+            return f"fixed-L{self.layers}{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
         if self.policy == "curvzo":
             return f"curvzo{band}-r{self.refresh}{batches}{steps}"
         return f"{self.policy}-k{self.groups}{band}{norm}-kappa{self.kappa:g}-r{self.refresh}{batches}{steps}"
+
+    def fixed_groups(self) -> list[str]:
+        """The groups of ``policy="fixed"``: attention and MLP of every layer in ``layers``."""
+        first, last = (int(x) for x in self.layers.split("-"))
+        return [f"L{i:02d}.{kind}" for i in range(first, last + 1) for kind in ("attn", "mlp")]
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.task / f"{self.label}-s{self.seed}"
@@ -341,6 +352,9 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
     numel = by_group([p.numel() for _, p in named], groups)
     params = [p for _, p in named]
     arms = sorted(set(groups) - {NORM})
+    fixed = [*spec.fixed_groups(), *([NORM] if spec.norm else [])] if spec.policy == "fixed" else []
+    if not set(fixed) <= set(groups):
+        raise SystemExit(f"--layers {spec.layers}: the model has no group {sorted(set(fixed) - set(groups))[0]}")
     bandit = Bandit(arms, hold=spec.hold, explore=spec.explore, forget=spec.forget, kappa=spec.kappa,
                     seed=spec.seed)
     state = _resume(folder, named, optimizer)
@@ -359,9 +373,11 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
         if spec.scored:
             if spec.refresh and step and step % spec.refresh == 0:
                 scores = (_group_scores(optimizer, named, groups) if spec.policy == "curvzo"
+                          else {a: float(a in fixed) for a in arms} if spec.policy == "fixed"
                           else bandit.scores(state["bandit"]))
                 _score_online(spec, state, scores, model, tokenizer, params, groups, train_set, cfg, step)
-            chosen = [bandit.plan(state["bandit"], step)] if spec.policy == "online" else arms
+            chosen = ([bandit.plan(state["bandit"], step)] if spec.policy == "online"
+                      else fixed if spec.policy == "fixed" else arms)
         elif chosen is None or step % spec.refresh == 0:
             chosen, lr = _refresh(spec, state, model, tokenizer, params, groups, numel, train_set, cfg, step)
         clock = time.perf_counter()
@@ -404,6 +420,7 @@ def run(spec: Spec, out: Path = OUT, *, progress: bool = True) -> dict[str, Any]
                "backoffs": state["backoffs"], "groups": spec.groups, "norm": spec.norm, "refresh": spec.refresh,
                "samples": spec.samples, "measure_batches": spec.measure_batches, "mezo_lr": MEZO_LR[spec.task],
                "band": spec.band, "hold": spec.hold, "explore": spec.explore, "forget": spec.forget,
+               **({"fixed_groups": fixed} if fixed else {}),
                "zero_shot": state["zero_shot"], "best_dev": state["best_dev"], "best_step": state["best_step"], "test": test, "steps": state["step"],
                "forward_passes": state["forward_passes"], "wall_time_s": round(state["wall_time_s"], 1),
                "measure_time_s": round(state["measure_time_s"], 1), "evals": state["evals"],
@@ -435,7 +452,7 @@ def _observe(spec: Spec, state: dict[str, Any], bandit: Bandit, chosen: list[str
     state["log"].append({"step": step, "lr": lr, **stats.as_dict(), **({"arm": chosen[0]} if spec.policy == "online" else {})})
     if spec.policy == "online":
         bandit.observe(state["bandit"], chosen[0], stats)
-    elif spec.policy == "dense":
+    elif spec.policy in ("dense", "fixed"):  # one running curvature of the perturbed set
         previous = state["dense_curvature"]
         state["dense_curvature"] = stats.curvature if previous is None else 0.9 * previous + 0.1 * stats.curvature
 
@@ -760,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--explore", type=float, default=Spec.explore, help="online: probability of pulling the stalest arm")
     one.add_argument("--forget", type=float, default=Spec.forget, help="online: per-step decay of the arms' sums")
     one.add_argument("--norm", action="store_true", help="perturb the norm gains at every step")
+    one.add_argument("--layers", default=Spec.layers, help="fixed: first-last decoder layer perturbed (attention and MLP)")
     one.add_argument("--measure-batches", type=int, default=1,
                      help="training batches each measurement uses for signal and energy (1: halves of one)")
     one.add_argument("--steps", type=int, default=LONG["steps"], help="fewer for a smoke test")
@@ -773,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = Spec(task=args.task, seed=args.seed, kappa=args.kappa, groups=args.groups, refresh=args.refresh,
                     samples=args.samples, policy=args.policy, norm=args.norm, measure_batches=args.measure_batches,
                     steps=args.steps, data_dir=args.data_dir, band=args.band, hold=args.hold,
-                    explore=args.explore, forget=args.forget)
+                    explore=args.explore, forget=args.forget, layers=args.layers)
         result = run(spec, args.out)
         print(json.dumps({k: result[k] for k in ("task", "label", "best_dev", "test", "wall_time_s")}))
     else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tiny import tiny_model, tokenizer
 
-from benchmarks.oracle import NORM, choose, group_names, group_stats, measure, step_scale
+from benchmarks.oracle import NORM, Spec, choose, group_names, group_stats, measure, step_scale
 from curvzo import scoring
 
 
@@ -156,3 +156,9 @@ def test_a_report_keeps_the_recorded_rows_of_runs_it_cannot_see_and_refreshes_th
     assert rows[(result["task"], result["label"], result["seed"])]["test"] == result["test"]
     assert rows[(gone["task"], gone["label"], gone["seed"])] == gone
     assert (tmp_path / "oracle.md").read_text().count(gone["label"]) == 1
+
+
+def test_a_fixed_band_is_the_attention_and_mlp_of_each_of_its_layers_and_names_its_run() -> None:
+    spec = Spec(task="sst2", seed=0, kappa=0.1, groups=0, refresh=0, policy="fixed", layers="14-15")
+    assert spec.fixed_groups() == ["L14.attn", "L14.mlp", "L15.attn", "L15.mlp"]
+    assert spec.label == "fixed-L14-15-kappa0.1-r0" and spec.online and spec.scored
