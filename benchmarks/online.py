@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from curvzo import scoring
+from curvzo.optim._newton import bound, gauss_newton_curvature
 
 #: Groups whose statistics say nothing yet get this many holds before any exploitation.
 SWEEP = 1
@@ -70,10 +71,8 @@ def probe_stats(logits_plus: torch.Tensor, logits_minus: torch.Tensor, targets: 
     n = slopes.numel()
     mean = float(slopes.mean())
     noise = float(slopes.var(unbiased=True)) / n if n > 1 else 0.0
-    jvp = (plus - minus) / (2.0 * eps)
-    p = torch.softmax(0.5 * (plus + minus), dim=-1)
-    curvature = float(((p * jvp.square()).sum(-1) - (p * jvp).sum(-1).square()).mean())
-    return ProbeStats(signal=mean * mean - noise, energy=mean * mean, curvature=max(curvature, 0.0))
+    return ProbeStats(signal=mean * mean - noise, energy=mean * mean,
+                      curvature=gauss_newton_curvature(logits_plus, logits_minus, eps))
 
 
 class Probe:
@@ -99,10 +98,11 @@ class Probe:
         return F.cross_entropy(logits, self.batch.targets)
 
 
-def newton_lr(kappa: float, curvature: float, running: float | None, floor: float) -> float:
-    """kappa / max(c_t, floor * running): the directional Newton length shrunk by kappa."""
-    bound = curvature if running is None else max(curvature, floor * running)
-    return kappa / bound if bound > 0 else 0.0
+def newton_lr(kappa: float, curvature: float, running: float | None) -> float:
+    """kappa / max(c_t, FLOOR * running): the directional Newton length shrunk by kappa (the
+    engine's rule, ``newton=True``, which takes the same step)."""
+    c = bound(curvature, running)
+    return kappa / c if c > 0 else 0.0
 
 
 class Bandit:

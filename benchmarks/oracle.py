@@ -441,7 +441,7 @@ def _online_lr(spec: Spec, state: dict[str, Any], bandit: Bandit, chosen: list[s
     """The forward-only step length of this step (``benchmarks.online``): kappa over the curvature
     along z, floored at half the running curvature of the pulled arm (or of the dense set)."""
     running = bandit.running_curvature(state["bandit"], chosen[0]) if spec.policy == "online" else state["dense_curvature"]
-    return newton_lr(_kappa(spec, state), stats.curvature, running, floor=0.5)
+    return newton_lr(_kappa(spec, state), stats.curvature, running)
 
 
 def _observe(spec: Spec, state: dict[str, Any], bandit: Bandit, chosen: list[str], stats: ProbeStats | None,

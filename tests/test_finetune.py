@@ -154,3 +154,34 @@ def test_query_parallel_steps_are_grouped_and_survive_a_resume(tmp_path):
     records = list(read_trajectory(path)[1])
     assert [type(r) for r in records] == [Hyper, Step, Queries, Step, Step, Hyper, Step, Step, Queries, Step]
     assert [r.q for r in records if isinstance(r, Queries)] == [2, 1]
+
+
+def test_a_newton_run_logs_its_curvature_replays_and_resumes_bit_for_bit(tiny_dir, toy_task, tmp_path):
+    newton = {"optimizer_options": {"newton": True}, "lr": 0.1, "keep": "weights"}
+    cfg = config(tiny_dir, toy_task, tmp_path / "run", **newton)
+    train(cfg, progress=False)
+    log = RunDir(tmp_path / "run").read_log()
+    records = [r for r in read_trajectory(tmp_path / "run" / TRAJECTORY_FILE)[1] if isinstance(r, Step)]
+    assert [(r.grad, r.curvature) for r in records] == [(e["grad"], e["curvature"]) for e in log]
+    assert all(e["curvature"] > 0 for e in log)
+    trained, _ = RunDir(tmp_path / "run").load_checkpoint()
+    rebuilt = dict(replay(str(tiny_dir), tmp_path / "run" / TRAJECTORY_FILE, tmp_path / "rebuilt"))
+    assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    part = config(tiny_dir, toy_task, tmp_path / "part", **newton, steps=2)
+    train(part, progress=False)
+    train(replace(part, steps=4), resume=True, progress=False)
+    resumed, _ = RunDir(tmp_path / "part").load_checkpoint()
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+    assert steps(tmp_path / "run") == steps(tmp_path / "part")
+
+
+def test_a_newton_run_is_refused_before_anything_is_written_where_it_has_no_logits(tiny_dir, toy_task, tmp_path):
+    from curvzo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="objective: loss, parallel: none"):
+        config(tiny_dir, toy_task, tmp_path / "a", optimizer_options={"newton": True}, objective="accuracy")
+    generation = {**toy_task, "output_type": "generate_until", "metric": "f1", "doc_to_target": "text"}
+    generation.pop("doc_to_choice")
+    with pytest.raises(ConfigError, match="needs a classification task"):
+        train(config(tiny_dir, generation, tmp_path / "b", optimizer_options={"newton": True}), progress=False)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())

@@ -173,6 +173,7 @@ def test_an_optimizer_instance_is_used_as_given_with_dropout_off(tmp_path: Path)
         (lambda tmp: arguments(tmp, TrainingArguments, learning_rate=0.0), "`learning_rate` must be"),
         (lambda tmp: arguments(tmp, zo_options="{pi_floor: 0.05}"), "`zo_options` is not valid JSON"),
         (lambda tmp: arguments(tmp, fp16=True), "fp16=True .* needs a backward pass"),
+        (lambda tmp: arguments(tmp, zo_options='{"newton": true}'), r"needs a closure that returns \(loss, logits\)"),
     ],
 )
 def test_bad_zo_settings_fail_before_training(tmp_path: Path, make: Any, message: str) -> None:

@@ -73,10 +73,10 @@ def test_the_probe_closure_reports_after_the_second_forward_and_returns_the_mean
 
 
 def test_the_newton_length_is_floored_by_the_running_curvature() -> None:
-    assert newton_lr(0.1, 2.0, None, floor=0.5) == 0.05
-    assert newton_lr(0.1, 0.1, 4.0, floor=0.5) == 0.05  # a direction seeing no curvature takes no huge step
-    assert newton_lr(0.1, 8.0, 4.0, floor=0.5) == 0.0125
-    assert newton_lr(0.1, 0.0, None, floor=0.5) == 0.0
+    assert newton_lr(0.1, 2.0, None) == 0.05
+    assert newton_lr(0.1, 0.1, 4.0) == 0.05  # a direction seeing no curvature takes no huge step
+    assert newton_lr(0.1, 8.0, 4.0) == 0.0125
+    assert newton_lr(0.1, 0.0, None) == 0.0
 
 
 def _fed(bandit: Bandit, measurements: dict[str, ProbeStats]) -> dict:

@@ -140,6 +140,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         _say(progress, f"loading data and {cfg.model}")
         task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
         optimizer = build_training_optimizer(cfg, model, named)
+        if getattr(optimizer, "newton", False) and task.output_type == "generate_until":
+            raise ConfigError(f"`optimizer_options: {{newton: true}}` needs a classification task; {task.name} "
+                              "is scored by generation")
     with ranks.together():  # only now, every rank ready: bad inputs above leave nothing behind
         run.prepare(cfg, resume=resume)
         state = _restore(run, named, optimizer) if resume else TrainState()
@@ -194,7 +197,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
                     steps = zo.last_steps
                 if trajectory is not None:
                     for taken in steps:
-                        trajectory.step(taken.grad, active, _hyper(optimizer), queries=len(steps))
+                        trajectory.step(taken.grad, active, _hyper(optimizer), queries=len(steps),
+                                        curvature=taken.curvature)
                 state.step += 1
                 state.forward_passes += (2 * len(steps) if steps else 1) * len(batch_examples)
                 state.wall_time_s += time.perf_counter() - clock
@@ -415,9 +419,24 @@ def take_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), {}
-    loss = optimizer.step(lambda: objective(model, task, batch, cfg.objective), active=active)
+    loss = optimizer.step(_zo_closure(optimizer, model, task, batch, cfg), active=active)
     info = optimizer.last_step
-    return loss, {"grad": info.grad, "budget": round(info.budget, 4), "blocks": info.num_blocks, "skipped": info.skipped}
+    newton = {"curvature": info.curvature} if optimizer.newton else {}
+    return loss, {"grad": info.grad, "budget": round(info.budget, 4), "blocks": info.num_blocks, "skipped": info.skipped,
+                  **newton}
+
+
+def _zo_closure(optimizer: ZOOptimizer, model: torch.nn.Module, task: TaskConfig, batch: Any,
+                cfg: TrainConfig) -> Callable[[], Any]:
+    """The closure of a ZO step: the objective, or (loss, choice logits) for a Newton step."""
+    if not optimizer.newton:
+        return lambda: objective(model, task, batch, cfg.objective)
+
+    def loss_and_logits() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = scoring.classification_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits, batch.targets), logits
+
+    return loss_and_logits
 
 
 def take_parallel_step(
@@ -628,7 +647,7 @@ def _replay_records(
         if steps is not None and done == steps:
             break
         if len(item) == 1:
-            optimizer.replay(item[0].grad, active=item[0].active)
+            optimizer.replay(item[0].grad, active=item[0].active, curvature=item[0].curvature)
         else:
             replay_queries(optimizer, [r.grad for r in item], active=item[0].active)
         done += 1

@@ -102,6 +102,11 @@ def zo_config(args: TrainingArguments) -> TrainConfig:
     method = _zo_setting(args, "zo_method")
     if method not in ZO_METHODS:
         raise ConfigError(f"`zo_method` must be one of {', '.join(ZO_METHODS)}, got {method!r}")
+    options = _zo_setting(args, "zo_options")
+    if isinstance(options, dict) and options.get("newton") is True:
+        raise ConfigError("invalid ZO training arguments: `zo_options: {newton: true}` needs a closure that returns "
+                          "(loss, logits), and Trainer's loss returns the loss alone (use curvzo train, or the "
+                          "optimizer with your own closure)")
     try:
         return TrainConfig(
             method=method, lr=args.learning_rate, eps=_zo_setting(args, "zo_eps"), weight_decay=args.weight_decay,

@@ -11,6 +11,8 @@ Layout: a magic line, one JSON header line, then records, appended as the run go
   written before the first step and whenever a scheduler changes them;
 * ``S`` + float64 grad + varint r + r varints: one step; the varints are the run lengths of the
   active mask, alternating inactive / active and starting with inactive (r = 0: no mask);
+* ``N`` + float64 grad + float64 curvature + varint r + r varints: one Newton step (``newton=True``),
+  which replays from its measured curvature as well;
 * ``Q`` + uint16 q: the following steps are query-parallel steps of q queries each, every one
   written as q consecutive ``S`` records (until the next ``Q``; before any, q = 1).
 
@@ -45,6 +47,7 @@ MAGIC = _MAGIC_PREFIX + f"{NOISE_VERSION}\n".encode()
 class Step:
     grad: float
     active: torch.Tensor | None
+    curvature: float | None = None  # a Newton step's measured curvature
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,10 @@ class TrajectoryWriter:
         """Bytes written so far: what a checkpoint stores to truncate to on resume."""
         return self._handle.tell()
 
-    def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper, queries: int = 1) -> None:
-        """One step record; a query-parallel step of q queries is q calls with ``queries=q``."""
+    def step(self, grad: float, active: torch.Tensor | None, hyper: Hyper, queries: int = 1,
+             curvature: float | None = None) -> None:
+        """One step record; a query-parallel step of q queries is q calls with ``queries=q``; a
+        Newton step gives its ``curvature``."""
         if queries != self._queries:
             self._handle.write(b"Q" + struct.pack("<H", queries))
             self._queries = queries
@@ -129,7 +134,8 @@ class TrajectoryWriter:
             self._handle.write(b"H" + payload)
             self._hyper = hyper
         runs = _runs(active) if active is not None else []
-        self._handle.write(b"S" + struct.pack("<d", grad) + _varint(len(runs)) + b"".join(map(_varint, runs)))
+        head = b"S" + struct.pack("<d", grad) if curvature is None else b"N" + struct.pack("<dd", grad, curvature)
+        self._handle.write(head + _varint(len(runs)) + b"".join(map(_varint, runs)))
         self._handle.flush()
 
     def close(self) -> None:
@@ -185,14 +191,15 @@ def _records(data: bytes, pos: int) -> Iterator[Step | Hyper | Queries]:
                 (q,) = struct.unpack_from("<H", data, pos + 1)
                 pos += 3
                 yield Queries(q)
-            elif kind == b"S":
-                (grad,) = struct.unpack_from("<d", data, pos + 1)
-                count, pos = _read_varint(data, pos + 9)
+            elif kind in (b"S", b"N"):
+                newton = kind == b"N"
+                grad, *curvature = struct.unpack_from("<dd" if newton else "<d", data, pos + 1)
+                count, pos = _read_varint(data, pos + (17 if newton else 9))
                 runs = []
                 for _ in range(count):
                     run, pos = _read_varint(data, pos)
                     runs.append(run)
-                yield Step(grad, _mask(runs) if runs else None)
+                yield Step(grad, _mask(runs) if runs else None, curvature[0] if newton else None)
             else:
                 raise CheckpointError(f"corrupt trajectory record at byte {pos}")
         except (struct.error, IndexError):

@@ -94,6 +94,8 @@ class CurvZO(ZOOptimizer):
             |g| (the divisor is raised where it would be exceeded): clips the heavy tail of the
             per-block multiplier at the price of a bias (default: None, no cap).
         normalize (bool): divide g by a running scale of |g| (see ZOOptimizer; default: False).
+        newton (bool): the directional Newton step; the closure returns ``(loss, logits)`` and
+            ``lr`` is the fraction of the step taken, about 0.1 (see ZOOptimizer; default: False).
 
     Example:
         >>> opt = CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
@@ -132,6 +134,7 @@ class CurvZO(ZOOptimizer):
         correction: Correction = "ht",
         multiplier_cap: float | None = None,
         normalize: bool = False,
+        newton: bool = False,
     ) -> None:
         if sampling not in _SAMPLINGS:
             raise ValueError(f"Invalid sampling: {sampling!r} (choose from {', '.join(_SAMPLINGS)})")
@@ -174,7 +177,7 @@ class CurvZO(ZOOptimizer):
             params,
             {"lr": lr, "weight_decay": weight_decay, "dense_below": dense_below, "pi_floor": pi_floor},
             eps=eps, seed=seed, block_size=block_size, rounding=rounding, model=model, max_chunk=max_chunk,
-            noise=noise, normalize=normalize,
+            noise=noise, normalize=normalize, newton=newton,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

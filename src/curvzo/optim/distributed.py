@@ -95,6 +95,9 @@ class DistributedZO:
             raise ValueError(f"Invalid queries: {queries!r} (a multiple of the {self.world} ranks)")
         if mode == "shard" and any(p.dtype != torch.float32 for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("shard mode needs float32 parameters")
+        if optimizer.newton:
+            raise ValueError("the Newton step (newton=True) runs in one process: its curvature is not "
+                             "combined across ranks")
         if mode == "shard" and optimizer.model is None:
             raise ValueError("shard mode needs the optimizer's `model` (the fully_shard-ed module it reshards)")
         self.optimizer = optimizer

@@ -38,6 +38,8 @@ class MeZO(ZOOptimizer):
         max_chunk (int): largest piece perturbed, drawn or updated at once (default: 1,048,576).
         noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
         normalize (bool): divide g by a running scale of |g| (see ZOOptimizer; default: False).
+        newton (bool): the directional Newton step; the closure returns ``(loss, logits)`` and
+            ``lr`` is the fraction of the step taken, about 0.1 (see ZOOptimizer; default: False).
 
     Example:
         >>> opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
@@ -62,10 +64,11 @@ class MeZO(ZOOptimizer):
         max_chunk: int = DEFAULT_MAX_CHUNK,
         noise: Noise = "gaussian",
         normalize: bool = False,
+        newton: bool = False,
     ) -> None:
         super().__init__(
             params, {"lr": lr, "weight_decay": weight_decay}, eps=eps, seed=seed, block_size=block_size,
-            rounding=rounding, model=model, max_chunk=max_chunk, noise=noise, normalize=normalize,
+            rounding=rounding, model=model, max_chunk=max_chunk, noise=noise, normalize=normalize, newton=newton,
         )
 
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

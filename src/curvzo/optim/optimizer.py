@@ -32,6 +32,7 @@ import torch
 
 from torch import nn
 
+from . import _newton
 from ._blocks import Block, build_blocks
 from ._noise import NOISE_VERSION, NoiseSource, unit_elements
 from ._options import NOISES, ROUNDINGS, Noise, Rounding
@@ -71,6 +72,8 @@ class StepRecord:
     ``divisor[i]`` where an estimator replaces the Horvitz-Thompson 1/pi (a cap, a subspace
     scaling, with-replacement counts, a running normalisation), by ``pi[i]`` when ``divisor`` is
     None; the record then still says how the blocks were drawn, which the optimizer learns from.
+    ``newton`` is the curvature the lr is divided by in a Newton step (``newton=True``), None
+    otherwise.
     """
 
     step: int
@@ -82,6 +85,7 @@ class StepRecord:
     weight_decay: tuple[float, ...]
     eps: tuple[float, ...]
     divisor: tuple[float, ...] | None = None
+    newton: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class StepInfo:
     budget: float
     skipped: bool
     record: StepRecord
+    curvature: float | None = None  # the Gauss-Newton curvature along z a Newton step measured
 
 
 def decay_param_groups(
@@ -160,6 +165,11 @@ def _running_scale(previous: float | None, grad: float) -> float:
     return 0.9 * previous + 0.1 * abs(grad)
 
 
+def _newton_lr(lr: float, curvature: float) -> float:
+    """A Newton step's lr: the fraction ``lr`` of 1 / curvature (no step where nothing curves)."""
+    return lr / curvature if curvature > 0.0 else 0.0
+
+
 def _caller_level() -> int:
     """``stacklevel`` of the first frame outside curvzo.optim, so that a warning names the line
     that built the optimizer (a subclass's ``__init__`` or ``build_optimizer`` in between)."""
@@ -203,6 +213,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             over recent steps, this one included, so the multiplier is at most 10 in size): the
             step length then stops following the heavy tail of |g|, and ``lr`` is in units of
             that scale rather than of the loss. Default: False.
+        newton (bool): take the directional Newton step: the closure returns ``(loss, logits)``,
+            the loss a cross-entropy of ``softmax(logits)``, and each update is divided by the
+            Gauss-Newton curvature along z that the two forwards' logits measure (at least half
+            its running mean; see ``curvzo.optim._newton``). ``lr`` is then the fraction of the
+            Newton step taken, about 0.1 whatever the model or the subset perturbed, instead of
+            a rate to sweep. The closure's logits are held from the first forward to the second.
+            Default: False.
     """
 
     _needs_noise_norms = False  # subclasses that learn from ||z_b||^2 set this
@@ -220,6 +237,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_chunk: int = DEFAULT_MAX_CHUNK,
         noise: Noise = "gaussian",
         normalize: bool = False,
+        newton: bool = False,
     ) -> None:
         if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -233,10 +251,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        if not isinstance(newton, bool):
+            raise TypeError(f"newton must be a bool, got {type(newton).__name__}")
         if model is None:  # Python shows it once per calling line (the default warning filter)
             warnings.warn(_FALLBACK_MESSAGE, FallbackWarning, stacklevel=_caller_level())
         self.rounding = rounding
         self.normalize = normalize
+        self.newton = newton
         self.model = model
         self.max_chunk = max_chunk
         self._blocks: list[Block] | None = None
@@ -380,32 +401,36 @@ class ZOOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step requires a closure that returns the loss")
 
-        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float]:
-            loss_plus, loss_minus = self._evaluate(closure, seed, blocks)
-            return loss_plus, loss_minus, (loss_plus - loss_minus) / (2.0 * self.param_groups[0]["eps"])
+        def evaluate(blocks: list[Block], seed: int) -> tuple[float, float, float, float | None]:
+            loss_plus, loss_minus, curvature = self._evaluate_step(closure, seed, blocks)
+            return loss_plus, loss_minus, (loss_plus - loss_minus) / (2.0 * self.param_groups[0]["eps"]), curvature
 
         info = self._run(active, evaluate)
         return 0.5 * (info.loss_plus + info.loss_minus)
 
     @torch.no_grad()
-    def replay(self, grad: float, *, active: torch.Tensor | None = None) -> StepInfo:
+    def replay(self, grad: float, *, active: torch.Tensor | None = None, curvature: float | None = None) -> StepInfo:
         """Redo a logged step from its projected gradient alone: no closure, no forward.
 
         Sampling, the update and the learned statistics evolve exactly as in the original step,
         so replaying a run's gradients (and ``active`` masks) from its starting weights and
         optimizer state rebuilds its weights bit for bit. A non-finite ``grad`` replays a skip.
+        A Newton step (``newton=True``) also needs the ``curvature`` it measured
+        (``last_step.curvature``).
         """
-        return self._run(active, lambda blocks, seed: (math.nan, math.nan, grad))
+        if self.newton and curvature is None and math.isfinite(grad):
+            raise ValueError("a Newton step (newton=True) replays from its projected gradient and its curvature")
+        return self._run(active, lambda blocks, seed: (math.nan, math.nan, grad, curvature))
 
     def _run(
         self,
         active: torch.Tensor | None,
-        evaluate: Callable[[list[Block], int], tuple[float, float, float]],
+        evaluate: Callable[[list[Block], int], tuple[float, float, float, float | None]],
     ) -> StepInfo:
-        """Draw the step seed and blocks, obtain (L+, L-, g), update and learn."""
+        """Draw the step seed and blocks, obtain (L+, L-, g, curvature), update and learn."""
         draw = self._draw(active)
-        loss_plus, loss_minus, grad = evaluate(draw.blocks, draw.seed)
-        return self._commit(draw, loss_plus, loss_minus, grad)
+        loss_plus, loss_minus, grad, curvature = evaluate(draw.blocks, draw.seed)
+        return self._commit(draw, loss_plus, loss_minus, grad, curvature=curvature)
 
     def _draw(self, active: torch.Tensor | None) -> Draw:
         """The first half of a step: budget, step seed and sampled blocks (advances the sampler).
@@ -429,13 +454,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         loss_minus: float,
         grad: float,
         apply: Callable[[StepRecord], torch.Tensor] | None = None,
+        curvature: float | None = None,
     ) -> StepInfo:
         """The second half of a step: record it, update (``apply``, default :meth:`apply`) and learn.
 
-        A non-finite ``grad`` is a skip: weights, statistics and the step count stay as they were.
+        A non-finite ``grad`` (or, for a Newton step, ``curvature``) is a skip: weights,
+        statistics and the step count stay as they were.
         """
         state = self._global_state()
-        skipped = not math.isfinite(grad)
+        skipped = not math.isfinite(grad) or (self.newton and not math.isfinite(curvature if curvature is not None else math.nan))
         scale = _running_scale(state.get("grad_scale"), grad)
         divisor = None if skipped else self._divisor(draw.probabilities, grad, scale)
         record = StepRecord(
@@ -448,13 +475,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             weight_decay=tuple(float(g["weight_decay"]) for g in self.param_groups),
             eps=tuple(float(g["eps"]) for g in self.param_groups),
             divisor=divisor,
+            newton=_newton.bound(curvature, state.get("curvature")) if self.newton and not skipped else None,
         )
         if not skipped:
             sq_norms = (apply or self.apply)(record)
             self._observe(state, record, sq_norms)
             state["grad_scale"] = scale
+            if self.newton:
+                state["curvature"] = _newton.updated(state.get("curvature"), curvature)
             state["step"] += 1
-        self.last_step = StepInfo(loss_plus, loss_minus, grad, len(draw.blocks), draw.budget, skipped, record)
+        self.last_step = StepInfo(loss_plus, loss_minus, grad, len(draw.blocks), draw.budget, skipped, record,
+                                  curvature)
         return self.last_step
 
     def _divisor(self, pi: torch.Tensor, grad: float, scale: float) -> tuple[float, ...] | None:
@@ -467,20 +498,32 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _evaluate(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float]:
         """L(theta + eps z) and L(theta - eps z) over the sampled blocks; the weights stay as they are."""
+        plus, minus = self._forwards(closure, seed, blocks)
+        return _as_float(plus), _as_float(minus)
+
+    def _evaluate_step(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float, float | None]:
+        """L+ and L-, and for a Newton step the Gauss-Newton curvature along z from their logits."""
+        plus, minus = self._forwards(closure, seed, blocks)
+        if not self.newton:
+            return _as_float(plus), _as_float(minus), None
+        (loss_plus, logits_plus), (loss_minus, logits_minus) = map(_newton.loss_and_logits, (plus, minus))
+        eps = float(self.param_groups[0]["eps"])
+        return loss_plus, loss_minus, _newton.gauss_newton_curvature(logits_plus, logits_minus, eps)
+
+    def _forwards(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[Any, Any]:
+        """The closure's outputs at theta + eps z and theta - eps z over the sampled blocks."""
         eps = [float(self.param_groups[b.group]["eps"]) for b in blocks]
         shifts = [Perturbation(blocks, [sign * e for e in eps], seed, self._noise, self.max_chunk) for sign in (1.0, -1.0)]
         if self.model is None:
-            return self._evaluate_set_aside(closure, shifts, blocks)
+            return self._forwards_set_aside(closure, shifts, blocks)
         owners = self._module_owners()
-        losses = []
+        outputs = []
         for shift in shifts:
             with streamed(owners, shift):
-                losses.append(_as_float(closure()))
-        return losses[0], losses[1]
+                outputs.append(closure())
+        return outputs[0], outputs[1]
 
-    def _evaluate_set_aside(
-        self, closure: Closure, shifts: list[Perturbation], blocks: list[Block]
-    ) -> tuple[float, float]:
+    def _forwards_set_aside(self, closure: Closure, shifts: list[Perturbation], blocks: list[Block]) -> tuple[Any, Any]:
         """Without a model to stream through: write the perturbed blocks, evaluate, copy them back."""
         originals = [b.view().clone() for b in blocks]
 
@@ -488,17 +531,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             for block, original in zip(blocks, originals):
                 block.view().copy_(original)
 
-        losses = []
+        outputs = []
         try:
             for i, shift in enumerate(shifts):
                 if i:
                     restore()  # the next shift is computed from the original values
                 for block in blocks:
                     block.view().copy_(shift.values(block.param, block.start, block.end))
-                losses.append(_as_float(closure()))
+                outputs.append(closure())
         finally:
             restore()
-        return losses[0], losses[1]
+        return outputs[0], outputs[1]
 
     @torch.no_grad()
     def apply(self, record: StepRecord) -> torch.Tensor:
@@ -530,7 +573,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """(lr, lr * weight decay, the noise's factor -lr g / divisor) of ``block``'s update in
         ``record``; ``divisor`` is the block's pi, or the estimator's ``record.divisor`` entry."""
         g = block.group
-        lr = record.lr[g]
+        lr = record.lr[g] if record.newton is None else _newton_lr(record.lr[g], record.newton)
         return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / divisor)
 
     def _update(self, block: Block, lo: int, hi: int, segments: list, scale: float, decay: float, seed: int) -> None:
