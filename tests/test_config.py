@@ -67,3 +67,11 @@ def test_yaml_reads_exponents_without_a_dot_as_numbers_in_files_and_overrides(tm
 def test_bools_strings_and_non_finite_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**{key: value})
+
+
+def test_the_default_lr_of_a_newton_run_is_the_fraction_of_the_newton_step():
+    from curvzo.config import DEFAULT_LR, TrainConfig
+
+    assert TrainConfig(method="mezo").resolved_lr() == DEFAULT_LR["zo"][0]
+    newton = TrainConfig(method="curvzo", optimizer_options={"newton": True})
+    assert newton.resolved_lr() == 0.1 and TrainConfig(method="mezo", optimizer_options={"newton": True}, lr=0.05).resolved_lr() == 0.05

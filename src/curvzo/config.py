@@ -48,7 +48,9 @@ PARALLELS: tuple[str, ...] = ("none", *PARALLEL_MODES)
 #: ZO full-parameter 5e-5 is what the accuracy grids select for MeZO on SmolLM2-135M (60 and 400
 #: steps; 1e-5 barely moves in a short run, 1e-4 diverges within 400 steps on most tasks); the ZO
 #: adapter value is the LoRA column's selection; FO values are the usual ones.
-DEFAULT_LR = {"zo": (5e-5, 1e-3), "adamw": (1e-5, 1e-4), "sgd": (1e-3, 1e-2)}
+DEFAULT_LR = {"zo": (5e-5, 1e-3), "adamw": (1e-5, 1e-4), "sgd": (1e-3, 1e-2),
+              # ZO with the Newton step: lr is the fraction of the Newton step, the same for any mode
+              "newton": (0.1, 0.1)}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -153,7 +155,8 @@ class TrainConfig:
         """The learning rate the run uses: ``lr`` or the method's default for the mode."""
         if self.lr is not None:
             return self.lr
-        full, adapter = DEFAULT_LR["zo" if self.is_zo else self.method]
+        newton = self.is_zo and isinstance(self.optimizer_options, dict) and self.optimizer_options.get("newton") is True
+        full, adapter = DEFAULT_LR["newton" if newton else "zo" if self.is_zo else self.method]
         return full if self.peft == "none" else adapter
 
     def resolved_keep(self) -> str:
