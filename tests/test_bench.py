@@ -11,6 +11,7 @@ import yaml
 
 from curvzo.bench import forward_to_reach, format_lr, load_grid, parse_only, plan, run_bench, run_folder_name, summarize
 from curvzo.bench.runs import training_run
+from curvzo.bench.report import step_seconds
 from curvzo.cli import main
 from curvzo.errors import ConfigError
 
@@ -218,7 +219,8 @@ def test_summary_arithmetic():
     assert s["per_task"]["sst2"]["standard_error"] == pytest.approx(100 * 0.02 * 2 ** 0.5)
     assert s["per_task"]["sst2"]["outcome"] == "won" and s["tasks_lost"] == 0
     assert s["methods"]["adamw"]["tasks_total"] == 1 and s["methods"]["adamw"]["minus_baseline_mean"] == pytest.approx(28.0)
-    assert s["targets_met"] == {"minus_baseline_points": False, "tasks_won_fraction": False, "forward_ratio": False}
+    assert s["targets_met"] == {"minus_baseline_points": False, "tasks_won_fraction": False, "forward_ratio": False,
+                                "wall_ratio": False}
 
 
 def test_a_lora_column_is_compared_with_the_baselines_method_in_lora():
@@ -267,6 +269,23 @@ def test_forward_ratio_divides_by_where_the_baseline_first_reaches_its_final():
     ratios = data["tasks"][0]["forward_ratio_to_baseline_final"]
     assert ratios["mezo"] == pytest.approx(1.0) and ratios["curvzo"] == pytest.approx(1.0)
     assert data["summary"]["forward_ratio_to_mezo_final"] == pytest.approx(1.0)
+
+
+def test_the_wall_clock_ratio_is_the_forward_ratio_times_the_quiet_machine_step_time_ratio(tmp_path):
+    records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7)]),
+               rec("sst2", "curvzo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (50, 0.7)])]
+    timed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"], step_seconds={"mezo": 2.0, "curvzo": 0.5})
+    s = timed["summary"]
+    assert s["forward_ratio_to_mezo_final"] == pytest.approx(0.5) and s["step_time_ratio"] == 0.25
+    assert s["wall_ratio_to_mezo_final"] == pytest.approx(0.125) and s["targets_met"]["wall_ratio"]
+    untimed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"])["summary"]
+    assert untimed["wall_ratio_to_mezo_final"] is None and not untimed["targets_met"]["wall_ratio"]
+    (tmp_path / "step_cost.json").write_text(json.dumps({"timings": {"mezo": {"median": 2.0},
+                                                                     "curvzo+rows-active": {"median": 1.0}}}))
+    grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
+                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo": {"lr": {"full": [1e-5]}},
+                                         "adamw": {"lr": {"full": [1e-5]}}}))
+    assert step_seconds(grid) == {"mezo": 2.0, "curvzo": 1.0}  # the harness's curvzo runs restrict rows
 
 
 def test_lr_selection_uses_seeds_every_lr_has():

@@ -33,7 +33,7 @@ MODES = {("full" if peft == "none" else peft): peft for peft in PEFT_MODES}
 ZERO_SHOT = "zero-shot"
 
 _GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights", "pack",
-              "compare", "out", "model", "data_dir", "reuse"}
+              "compare", "out", "model", "data_dir", "reuse", "step_cost"}
 _TOP_ONLY = {"profiles", "default_profile"}
 _METHOD_KEYS = {"method", "lr", "tasks", "modes", "eps", "set"}
 # TrainConfig fields the grid sets per run: not allowed as settings or in a method's `set`.
@@ -81,6 +81,7 @@ class Grid:
     compare: tuple[str, str] = ("curvzo", "mezo")  # (method, baseline) labels of the summary
     base_out: Path | None = None  # the grid file's top-level `out`; a report's command names any other
     reuse: tuple[Path, ...] = ()  # other results folders whose finished runs of the same config count here
+    step_cost: Path | None = None  # a benchmarks.step_cost JSON: quiet-machine step times for the wall-clock ratio
 
     def selection_seeds(self, lrs: tuple[float, ...]) -> tuple[int, ...]:
         return self.select_seeds if len(lrs) > 1 else self.seeds
@@ -205,6 +206,9 @@ def _build_grid(
     if out is None and v.get("out") is None:
         problems.append("no results folder: set `out` in the grid or pass one (curvzo bench --out)")
     reuse = _reuse_folders(v.get("reuse"), problems)
+    step_cost = v.get("step_cost")
+    if step_cost is not None and not isinstance(step_cost, str):
+        problems.append(f"`step_cost` must be the path of a benchmarks.step_cost JSON or null, got {step_cost!r}")
     if problems:
         return None
     grid = Grid(
@@ -214,6 +218,7 @@ def _build_grid(
         zero_shot=v.get("zero_shot", True), keep_weights=v.get("keep_weights", False), pack=v.get("pack", False),
         compare=(compare.get("method", "curvzo"), compare.get("baseline", "mezo")),
         base_out=None if base_out is None else Path(base_out), reuse=reuse,
+        step_cost=None if step_cost is None else Path(step_cost),
     )
     for spec in methods:  # let TrainConfig validate the run settings, once per (method, mode)
         for mode in spec.modes:

@@ -10,6 +10,7 @@ it stays out of every comparison.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -29,7 +30,12 @@ __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majorit
 
 #: The project's targets for CurvZO against MeZO: points gained, share of tasks won, and forward
 #: passes to reach MeZO's final dev accuracy (reported next to the measured numbers).
-TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4}
+TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4, "wall_ratio": 0.3}
+
+#: The ``benchmarks.step_cost`` measurement that times a harness run of each ZO method (the
+#: ``curvzo`` preset runs with embedding rows as blocks, restricted to the batch's rows); others
+#: are timed under their method's name.
+STEP_COST_NAME = {"curvzo": "curvzo+rows-active"}
 
 #: A task is won (or lost) only when the test difference exceeds the larger of a floor in points
 #: and a multiple of its standard error over seeds, sqrt(sd_a^2 / n_a + sd_b^2 / n_b): a difference
@@ -104,6 +110,7 @@ def summarize(
     mode: str = "full",
     zo_labels: Iterable[str] | None = None,
     unfinished_sweeps: Iterable[tuple[str, str, str]] = (),
+    step_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-task rows and the summary, from finished runs.
 
@@ -112,6 +119,9 @@ def summarize(
     (100 x metric); the forward ratio compares seed-averaged dev curves of the selected lrs.
     ``unfinished_sweeps``: the (task, label, mode) cells whose lr sweep has runs still to finish;
     they are shown (``sweep_finished`` false) but neither compared nor compared against.
+    ``step_seconds``: a step's time per label on a quiet machine; the wall-clock ratio to reach the
+    baseline's final dev accuracy is the forward ratio times the two labels' step-time ratio
+    (logged step times of runs that shared a machine do not time honestly).
     """
     zo = set(zo_labels) if zo_labels is not None else {r["label"] for r in records if r["results"]["method"] in ZO_METHODS}
     unfinished = set(unfinished_sweeps)
@@ -150,8 +160,9 @@ def summarize(
     for label in dict.fromkeys(r["label"] for r in records):
         versus, in_mode = _counterpart(records, label, baseline, mode)
         if label != versus:
-            per_method[label] = {**_versus(rows, label, versus, in_mode, zo), "baseline": versus, "mode": in_mode}
-    head = per_method.get(method) or _versus(rows, method, baseline, mode, zo)
+            per_method[label] = {**_versus(rows, label, versus, in_mode, zo, step_seconds), "baseline": versus,
+                                 "mode": in_mode}
+    head = per_method.get(method) or _versus(rows, method, baseline, mode, zo, step_seconds)
     diff, total, ratio = head["minus_baseline_mean"], head["tasks_total"], head["forward_ratio_median"]
     summary = {
         "method": method, "baseline": baseline, "mode": mode,
@@ -159,12 +170,14 @@ def summarize(
         "tasks_total": head["tasks_total"], "tasks_lost": head["tasks_lost"], "win_tolerance": WIN_TOLERANCE,
         "forward_ratio_to_mezo_final": head["forward_ratio_median"],
         "forward_ratio_reached": head["forward_ratio_reached"], "forward_ratio_tasks": head["forward_ratio_tasks"],
+        "wall_ratio_to_mezo_final": head["wall_ratio_median"], "step_time_ratio": head["step_time_ratio"],
         "per_task": head["per_task"],
         "methods": per_method, "targets": TARGETS,
         "targets_met": {
             "minus_baseline_points": diff is not None and diff >= TARGETS["minus_baseline_points"],
             "tasks_won_fraction": total > 0 and head["tasks_won"] >= TARGETS["tasks_won_fraction"] * total,
             "forward_ratio": ratio is not None and ratio <= TARGETS["forward_ratio"],
+            "wall_ratio": head["wall_ratio_median"] is not None and head["wall_ratio_median"] <= TARGETS["wall_ratio"],
         },
     }
     return {"summary": summary, "tasks": rows}
@@ -206,9 +219,11 @@ def _forward_reach(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float 
     return reach, None if reach is None or not own else reach / own
 
 
-def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str]) -> dict[str, Any]:
+def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str],
+            step_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """``label`` against ``baseline`` in ``mode``, over the tasks where both have results; the
-    forward ratio for ZO labels only (a first-order step is not two forwards)."""
+    forward ratio for ZO labels only (a first-order step is not two forwards), and the wall-clock
+    ratio where ``step_seconds`` times both labels (see :func:`summarize`)."""
     per_task, diffs, ratios = {}, [], []
     for row in rows:
         ours, theirs = row["methods"].get(label, {}).get(mode), row["methods"].get(baseline, {}).get(mode)
@@ -230,11 +245,16 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str]
         if ratio != "n/a":  # a baseline that never improved is "reached" for free: no signal
             ratios.append(math.inf if ratio is None else ratio)
     median = statistics.median(ratios) if ratios else None
+    median = None if median is None or math.isinf(median) else median
+    seconds = step_seconds or {}
+    time_ratio = seconds[label] / seconds[baseline] if label in seconds and baseline in seconds else None
     return {
         "minus_baseline_mean": statistics.fmean(diffs) if diffs else None,
         "tasks_won": sum(t["won"] for t in per_task.values()),
         "tasks_lost": sum(t["outcome"] == "lost" for t in per_task.values()), "tasks_total": len(diffs),
-        "forward_ratio_median": None if median is None or math.isinf(median) else median,
+        "forward_ratio_median": median,
+        "step_time_ratio": time_ratio,
+        "wall_ratio_median": None if median is None or time_ratio is None else median * time_ratio,
         "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "forward_ratio_tasks": len(ratios),
         "per_task": per_task,
     }
@@ -270,6 +290,17 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
             "test_std": _sample_std(scores["test"]), "seeds": list(grid.seeds), "tests": scores["test"]}
 
 
+def step_seconds(grid: Grid) -> dict[str, float] | None:
+    """Each ZO label's step time in ``grid.step_cost`` (its method's median step with the label-only
+    closure; the Newton step's extra softmax over the choice logits is not timed apart), or None
+    without a file."""
+    if grid.step_cost is None or not grid.step_cost.is_file():
+        return None
+    timings = json.loads(grid.step_cost.read_text())["timings"]
+    names = {spec.label: STEP_COST_NAME.get(spec.method, spec.method) for spec in grid.methods if spec.is_zo}
+    return {label: timings[name]["median"] for label, name in names.items() if name in timings}
+
+
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
     """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
     # A seed run at an lr that is no longer its cell's selection (the lr grid grew after it ran)
@@ -296,7 +327,8 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
                   if selection(grid, task, spec, mode) is None]
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
-                     zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished)
+                     zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished,
+                     step_seconds=step_seconds(grid))
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
                            runs_diverged=sum(u["diverged"] for u in used if u["in_plan"]),
                            runs_off_selection=len(used) - len(records))
@@ -427,6 +459,11 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"(seed-averaged dev curves, linear interpolation between evaluations; over the "
         f"{s['forward_ratio_tasks']} tasks where {s['baseline']} improved on zero-shot): median "
         f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
+        f"- **Wall-clock to reach it**, {s['method']} / {s['baseline']}: "
+        + (f"median {_fmt(s['wall_ratio_to_mezo_final'], '.2f')} (target ≤ {TARGETS['wall_ratio']}): the forward ratio times "
+           f"the step-time ratio {_fmt(s['step_time_ratio'], '.2f')} measured side by side on a quiet machine by "
+           f"`benchmarks.step_cost` ({grid.step_cost}), not the runs' logged times (they shared the machine)."
+           if s["step_time_ratio"] is not None else "n/a (no quiet-machine step times for this profile: `step_cost`)."),
     ]
     for label, v in s["methods"].items():
         if label == s["method"]:
