@@ -163,7 +163,7 @@ def test_a_newton_run_logs_its_curvature_replays_and_resumes_bit_for_bit(tiny_di
     log = RunDir(tmp_path / "run").read_log()
     records = [r for r in read_trajectory(tmp_path / "run" / TRAJECTORY_FILE)[1] if isinstance(r, Step)]
     assert [(r.grad, r.curvature) for r in records] == [(e["grad"], e["curvature"]) for e in log]
-    assert all(e["curvature"] > 0 for e in log)
+    assert all(e["curvature"] > 0 and e["step_lr"] > 0 for e in log)
     trained, _ = RunDir(tmp_path / "run").load_checkpoint()
     rebuilt = dict(replay(str(tiny_dir), tmp_path / "run" / TRAJECTORY_FILE, tmp_path / "rebuilt"))
     assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)

@@ -421,7 +421,7 @@ def take_step(
         return float(loss.detach()), {}
     loss = optimizer.step(_zo_closure(optimizer, model, task, batch, cfg), active=active)
     info = optimizer.last_step
-    newton = {"curvature": info.curvature} if optimizer.newton else {}
+    newton = {"curvature": info.curvature, "step_lr": info.record.step_lr(0)} if optimizer.newton else {}
     return loss, {"grad": info.grad, "budget": round(info.budget, 4), "blocks": info.num_blocks, "skipped": info.skipped,
                   **newton}
 

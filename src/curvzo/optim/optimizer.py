@@ -87,6 +87,14 @@ class StepRecord:
     divisor: tuple[float, ...] | None = None
     newton: float | None = None
 
+    def step_lr(self, group: int) -> float:
+        """The lr group ``group``'s update used: its lr, or for a Newton step that fraction of
+        1 / curvature (no step where nothing curves)."""
+        lr = self.lr[group]
+        if self.newton is None:
+            return lr
+        return lr / self.newton if self.newton > 0.0 else 0.0
+
 
 @dataclass(frozen=True)
 class Draw:
@@ -163,11 +171,6 @@ def _running_scale(previous: float | None, grad: float) -> float:
     if previous is None or previous == 0.0:
         return abs(grad)
     return 0.9 * previous + 0.1 * abs(grad)
-
-
-def _newton_lr(lr: float, curvature: float) -> float:
-    """A Newton step's lr: the fraction ``lr`` of 1 / curvature (no step where nothing curves)."""
-    return lr / curvature if curvature > 0.0 else 0.0
 
 
 def _caller_level() -> int:
@@ -573,7 +576,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """(lr, lr * weight decay, the noise's factor -lr g / divisor) of ``block``'s update in
         ``record``; ``divisor`` is the block's pi, or the estimator's ``record.divisor`` entry."""
         g = block.group
-        lr = record.lr[g] if record.newton is None else _newton_lr(record.lr[g], record.newton)
+        lr = record.step_lr(g)
         return lr, lr * record.weight_decay[g], _fp32_scalar(-lr * (record.grad * (record.eps[0] / record.eps[g])) / divisor)
 
     def _update(self, block: Block, lo: int, hi: int, segments: list, scale: float, decay: float, seed: int) -> None:
