@@ -69,10 +69,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks._common import DEFAULT_DATA_DIR, RESULTS_DIR, format_table, quiet_transformers, save_figure, write_json
+from benchmarks._common import DEFAULT_DATA_DIR, REPO_ROOT, RESULTS_DIR, format_table, quiet_transformers, save_figure, write_json
 from benchmarks.online import Bandit, Probe, ProbeStats, newton_lr, spearman
 from curvzo import scoring
 from curvzo.bench.report import forward_to_reach, mean_curve
+from curvzo.bench.store import read_record
 from curvzo.config import TrainConfig
 from curvzo.io import atomic_write
 from curvzo.divergence import DivergenceGuard
@@ -610,13 +611,11 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def mezo_runs(task: str) -> list[dict[str, Any]]:
-    """The ``long`` profile's MeZO runs at its selected lr (every seed), with their dev curves."""
-    import tarfile
-
+    """The ``long`` profile's MeZO runs at its selected lr (every seed), with their dev curves (a
+    run it reused from another profile is read from there)."""
     rows = [r for r in json.loads(LONG_ACCURACY.read_text())["runs"]
             if r["task"] == task and r["method"] == "mezo" and r["mode"] == "full" and r["lr"] == MEZO_LR[task]]
-    with tarfile.open(LONG_ACCURACY.parent / "runs.tar.gz") as archive:
-        return [json.load(archive.extractfile(f"{task}/{Path(r['path']).name}/results.json")) for r in rows]
+    return [json.loads(read_record(REPO_ROOT / r["path"], "results.json")) for r in rows]
 
 
 def compare(result: dict[str, Any], mezo: list[dict[str, Any]]) -> dict[str, Any]:
