@@ -18,6 +18,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from curvzo.errors import ConfigError
 from curvzo.hf import ZOTrainer, ZOTrainingArguments
+from curvzo import hf
 from curvzo.optim import CurvZO, MeZO
 
 LENGTH = 16
@@ -173,7 +174,6 @@ def test_an_optimizer_instance_is_used_as_given_with_dropout_off(tmp_path: Path)
         (lambda tmp: arguments(tmp, TrainingArguments, learning_rate=0.0), "`learning_rate` must be"),
         (lambda tmp: arguments(tmp, zo_options="{pi_floor: 0.05}"), "`zo_options` is not valid JSON"),
         (lambda tmp: arguments(tmp, fp16=True), "fp16=True .* needs a backward pass"),
-        (lambda tmp: arguments(tmp, zo_options='{"newton": true}'), r"needs a closure that returns \(loss, logits\)"),
     ],
 )
 def test_bad_zo_settings_fail_before_training(tmp_path: Path, make: Any, message: str) -> None:
@@ -209,3 +209,21 @@ def test_a_tied_embedding_is_one_block(tmp_path: Path) -> None:
     trainer = ZOTrainer(model=small("opt"), args=arguments(tmp_path, max_steps=1), train_dataset=token_dataset(4))
     trainer.train()
     assert len(trainer.zo_optimizer.blocks_of(trainer.model.get_input_embeddings().weight)) == 1
+
+
+def test_a_newton_step_reads_the_logits_of_the_positions_the_loss_scores(tmp_path: Path) -> None:
+    from curvzo.optim._newton import gauss_newton_curvature
+
+    model = small("llama")
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, max_steps=2, learning_rate=0.1, zo_options='{"newton": true}'),
+                        train_dataset=token_dataset(4))
+    trainer.train()
+    step = trainer.zo_optimizer.last_step
+    assert step.curvature > 0 and step.record.newton >= step.curvature and not step.skipped
+    ids = torch.tensor(token_dataset(4)["input_ids"])
+    labels = ids.clone()
+    labels[:, :3] = -100  # positions outside the loss leave the curvature's rows
+    logits = model(input_ids=ids).logits.detach()
+    rows = hf._loss_rows(logits, {"labels": labels})
+    assert rows.shape == (4 * (LENGTH - 3), VOCAB) and torch.equal(rows[0], logits[0, 2])
+    assert gauss_newton_curvature(rows, rows, 1e-3) == 0.0  # the same logits twice: no slope, no curvature

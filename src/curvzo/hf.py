@@ -102,11 +102,6 @@ def zo_config(args: TrainingArguments) -> TrainConfig:
     method = _zo_setting(args, "zo_method")
     if method not in ZO_METHODS:
         raise ConfigError(f"`zo_method` must be one of {', '.join(ZO_METHODS)}, got {method!r}")
-    options = _zo_setting(args, "zo_options")
-    if isinstance(options, dict) and options.get("newton") is True:
-        raise ConfigError("invalid ZO training arguments: `zo_options: {newton: true}` needs a closure that returns "
-                          "(loss, logits), and Trainer's loss returns the loss alone (use curvzo train, or the "
-                          "optimizer with your own closure)")
     try:
         return TrainConfig(
             method=method, lr=args.learning_rate, eps=_zo_setting(args, "zo_eps"), weight_decay=args.weight_decay,
@@ -262,7 +257,14 @@ class ZOTrainer(Trainer):
                 # a copy: compute_loss may pop the labels, and the closure runs twice
                 return sum(self.compute_loss(model, dict(batch)) for batch in batches) / len(batches)
 
-        loss = self.zo_optimizer.step(closure, active=self.active_blocks(model, batches))
+        def loss_and_logits() -> tuple[torch.Tensor, torch.Tensor]:
+            with self.compute_loss_context_manager():
+                pairs = [self.compute_loss(model, dict(batch), return_outputs=True) for batch in batches]
+            logits = torch.cat([_loss_rows(outputs["logits"], batch) for (_, outputs), batch in zip(pairs, batches)])
+            return sum(loss for loss, _ in pairs) / len(pairs), logits
+
+        step_closure = loss_and_logits if self.zo_optimizer.newton else closure
+        loss = self.zo_optimizer.step(step_closure, active=self.active_blocks(model, batches))
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
     def active_blocks(self, model: torch.nn.Module, batches: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -280,6 +282,16 @@ class ZOTrainer(Trainer):
             return None
         rows = torch.unique(torch.cat([batch["input_ids"].flatten() for batch in batches]))
         return zo.rows_active(weight, rows.cpu())
+
+
+def _loss_rows(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The rows of ``logits`` the loss is a cross-entropy of, for the Newton step's curvature: a
+    classifier's ``[batch, classes]`` as they are; a causal LM's ``[batch, positions, vocabulary]``
+    at the positions that predict a label (labels shifted by one, -100 left out)."""
+    labels = batch.get("labels")
+    if logits.dim() == 3 and labels is not None and labels.shape == logits.shape[:2]:
+        return logits[:, :-1][labels[:, 1:] != -100]
+    return logits
 
 
 def _tied_head(model: torch.nn.Module) -> bool:
