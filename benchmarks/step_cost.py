@@ -18,7 +18,8 @@ the median of within-round ratios. Untimed warm-up first (CurvZO-type methods ta
 * steps, all with the same closure, ``lr=1e-6``, ``eps=1e-3``, on the streaming engine
   (``model=`` given): ``peer-mezo`` (``mezo.update``), every ZO preset (``mezo``, ``curvzo-ref``,
   ``curvzo``, ``uniform-sparse``, ``curvzo-fixed``), ``mezo-rademacher`` (MeZO with random-sign
-  noise), ``curvzo+rows-active`` (preset "curvzo" as the harness runs it: embedding rows as blocks,
+  noise), ``mezo-newton`` (MeZO with the Newton step: the closure also returns the choice logits,
+  whose Gauss-Newton curvature sets the step), ``curvzo+rows-active`` (preset "curvzo" as the harness runs it: embedding rows as blocks,
   ``step(active=...)`` restricted to the rows of the batch's tokens and the two verbalizer tokens)
   and ``adamw`` (first-order: backward + ``torch.optim.AdamW``, for its memory).
 
@@ -54,7 +55,7 @@ import torch
 from benchmarks import _common as C
 
 DEFAULT_OUT = C.RESULTS_DIR / "step_cost.json"
-ZO_STEPS = ("mezo", "mezo-rademacher", "mezo-fallback", "curvzo-ref", "curvzo", "uniform-sparse", "curvzo-fixed",
+ZO_STEPS = ("mezo", "mezo-rademacher", "mezo-newton", "mezo-fallback", "curvzo-ref", "curvzo", "uniform-sparse", "curvzo-fixed",
             "curvzo+rows-active")
 STEP_METHODS = ("peer-mezo", *ZO_STEPS, "adamw")
 SPARSE = ("curvzo-ref", "curvzo", "uniform-sparse", "curvzo-fixed", "curvzo+rows-active")
@@ -111,6 +112,22 @@ def full_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(full_logits_scores(model, batch), batch.targets)
 
 
+def newton_closure(loss_fn: Any, model: torch.nn.Module, batch: Any) -> Any:
+    """The Newton step's closure for a measurement's loss: (loss, the choice scores it is the
+    cross-entropy of), from the label-only head or from the full logits."""
+    import torch.nn.functional as F
+
+    from curvzo.scoring import classification_logits, full_logits_scores
+
+    scores = full_logits_scores if loss_fn is full_loss else classification_logits
+
+    def closure() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = scores(model, batch)
+        return F.cross_entropy(logits, batch.targets), logits
+
+    return closure
+
+
 def closure_of(name: str) -> tuple[str, Any]:
     """(method, loss function) of a measurement name: ``full:<method>`` uses :func:`full_loss`."""
     if name.startswith(FULL):
@@ -150,6 +167,9 @@ def make_step(name: str, model: torch.nn.Module, batch: Any, args: argparse.Name
     if method == "mezo-rademacher":
         opt = build_optimizer("mezo", model.parameters(), noise="rademacher", **engine)
         return (lambda: opt.step(closure)), opt
+    if method == "mezo-newton":
+        opt = build_optimizer("mezo", model.parameters(), newton=True, **{**engine, "lr": 0.1})
+        return (lambda: opt.step(newton_closure(loss_fn, model, batch))), opt
     if method == "peer-mezo":
         peer = _import_peer()
         counter = iter(range(10**9))
@@ -399,6 +419,7 @@ README_LABELS = {
     "peer-mezo": "peer `mezo==0.0.1`",
     "mezo": "`mezo`",
     "mezo-rademacher": '`mezo`, `noise="rademacher"`',
+    "mezo-newton": "`mezo`, `newton=True` (closure returns the choice logits too)",
     "mezo-fallback": "`mezo` without `model=` (set-aside fallback)",
     "curvzo-ref": "`curvzo-ref` (reference)",
     "curvzo": "`curvzo` preset, tensor blocks",

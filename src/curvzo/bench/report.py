@@ -291,14 +291,20 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
 
 
 def step_seconds(grid: Grid) -> dict[str, float] | None:
-    """Each ZO label's step time in ``grid.step_cost`` (its method's median step with the label-only
-    closure; the Newton step's extra softmax over the choice logits is not timed apart), or None
-    without a file."""
+    """Each ZO label's step time in ``grid.step_cost``: its method's median step with the label-only
+    closure (``<method>-newton`` for a Newton step where that was measured, else the method's), or
+    None without a file."""
     if grid.step_cost is None or not grid.step_cost.is_file():
         return None
     timings = json.loads(grid.step_cost.read_text())["timings"]
-    names = {spec.label: STEP_COST_NAME.get(spec.method, spec.method) for spec in grid.methods if spec.is_zo}
-    return {label: timings[name]["median"] for label, name in names.items() if name in timings}
+    seconds = {}
+    for spec in grid.methods:
+        name = STEP_COST_NAME.get(spec.method, spec.method)
+        if spec.settings.get("optimizer_options", {}).get("newton") is True and f"{name}-newton" in timings:
+            name = f"{name}-newton"
+        if spec.is_zo and name in timings:
+            seconds[spec.label] = timings[name]["median"]
+    return seconds
 
 
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
