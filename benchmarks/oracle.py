@@ -712,10 +712,13 @@ COLUMNS = """\
   measurements whose dense signal is not positive judge nothing and are left out.
 - **rank rho**: median Spearman correlation of the groups' signal/curvature ratios between
   consecutive measurements; **signal>0**: measurements whose summed signal is positive.
-- **score rho** (forward-only runs, ``online``): median Spearman correlation of the bandit's scores
-  with the oracle's signal/curvature ratios measured at the same step (every ``r`` steps).
-- ``online`` and ``dense`` rows use the forward-only step rule (``benchmarks.online``): kappa is
-  its Newton factor, not a multiple of the oracle's rule; ``dense`` is MeZO with that rule.
+- **score rho** (forward-only runs, ``online`` and ``curvzo``): median Spearman correlation of the
+  run's group scores (the bandit's, or the ``curvzo`` preset's block scores summed per group) with
+  the oracle's signal/curvature ratios measured at the same step (every ``r`` steps).
+- ``online``, ``dense`` and ``fixed`` rows use the forward-only Newton step (the engine's
+  ``newton=True`` rule): kappa is the fraction of the Newton step, not a multiple of the oracle's
+  rule; ``dense`` is MeZO with that rule, ``fixed`` the same on the layers its label names.
+- ``r400`` (refresh every 400 steps, the whole run): the oracle's choice is made once, at step 0, and held.
 """
 
 
