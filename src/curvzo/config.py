@@ -151,12 +151,16 @@ class TrainConfig:
     def is_zo(self) -> bool:
         return self.method in ZO_METHODS
 
+    @property
+    def newton(self) -> bool:
+        """Whether the ZO optimizer takes the Newton step (``optimizer_options: {newton: true}``)."""
+        return isinstance(self.optimizer_options, dict) and self.optimizer_options.get("newton") is True
+
     def resolved_lr(self) -> float:
         """The learning rate the run uses: ``lr`` or the method's default for the mode."""
         if self.lr is not None:
             return self.lr
-        newton = self.is_zo and isinstance(self.optimizer_options, dict) and self.optimizer_options.get("newton") is True
-        full, adapter = DEFAULT_LR["newton" if newton else "zo" if self.is_zo else self.method]
+        full, adapter = DEFAULT_LR["newton" if self.is_zo and self.newton else "zo" if self.is_zo else self.method]
         return full if self.peft == "none" else adapter
 
     def resolved_keep(self) -> str:
@@ -212,7 +216,7 @@ class TrainConfig:
             out.append("`parallel: shard` shards full fine-tuning of float32 weights (dtype: float32, peft: none)")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
-        elif self.optimizer_options.get("newton") is True and (self.objective != "loss" or self.parallel != "none"):
+        elif self.newton and (self.objective != "loss" or self.parallel != "none"):
             out.append("`optimizer_options: {newton: true}` measures its curvature from the loss's logits in one "
                        "process (objective: loss, parallel: none)")
         out += _device_problems(self.device)

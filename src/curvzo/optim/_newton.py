@@ -31,18 +31,19 @@ _CLOSURE_ERROR = (
 )
 
 
-def loss_and_logits(output: Any) -> tuple[float, torch.Tensor]:
-    """The closure's (loss, logits) pair: the loss as a float, the logits detached."""
+def loss_and_logits(output: Any) -> tuple[Any, torch.Tensor]:
+    """The closure's (loss, logits) pair, the logits detached; anything else is refused."""
     if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)):
         raise TypeError(_CLOSURE_ERROR)
     loss, logits = output
-    value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
-    return value, logits.detach()
+    return loss, logits.detach()
 
 
 def gauss_newton_curvature(logits_plus: torch.Tensor, logits_minus: torch.Tensor, eps: float) -> float:
     """z^T G z of the mean cross-entropy, from the logits at theta + eps z and theta - eps z."""
-    if logits_plus.shape != logits_minus.shape or logits_plus.dim() == 0:
+    if logits_plus.dim() == 0:
+        raise ValueError("the closure's logits need a class dimension, got a scalar")
+    if logits_plus.shape != logits_minus.shape:
         raise ValueError(f"the two forwards' logits differ in shape: {tuple(logits_plus.shape)} and "
                          f"{tuple(logits_minus.shape)}")
     plus = logits_plus.double().flatten(0, -2) if logits_plus.dim() > 1 else logits_plus.double()[None]

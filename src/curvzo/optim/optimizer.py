@@ -511,7 +511,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return _as_float(plus), _as_float(minus), None
         (loss_plus, logits_plus), (loss_minus, logits_minus) = map(_newton.loss_and_logits, (plus, minus))
         eps = float(self.param_groups[0]["eps"])
-        return loss_plus, loss_minus, _newton.gauss_newton_curvature(logits_plus, logits_minus, eps)
+        return _as_float(loss_plus), _as_float(loss_minus), _newton.gauss_newton_curvature(logits_plus, logits_minus, eps)
 
     def _forwards(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[Any, Any]:
         """The closure's outputs at theta + eps z and theta - eps z over the sampled blocks."""
