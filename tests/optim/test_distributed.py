@@ -159,24 +159,25 @@ def test_query_mode_equals_one_process_taking_q_queries(ranks):
     assert len(got["records"]) == STEPS * WORLD and got["bytes"] == STEPS * 2 * 8
 
 
-# The estimator variants leave per-draw facts on the optimizer (with-replacement counts, the
-# running |g| scale): a q-query step must restore each draw's before learning from it.
-VARIANTS = [{}, {"sampling": "replacement", "normalize": True}, {"feedback": "energy", "multiplier_cap": 4.0}]
+# The estimator variants leave per-draw facts on the optimizer (the subspace correction's
+# inclusion probabilities, the running |g| scale): a q-query step must restore each draw's before
+# learning from it.
+VARIANTS = [{}, {"correction": "subspace", "normalize": True}, {"feedback": "square", "explore_mix": "adaptive"}]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=["default", "replacement+normalize", "energy+cap"])
+@pytest.mark.parametrize("options", VARIANTS, ids=["default", "subspace+normalize", "square+explore"])
 def test_one_query_is_the_ordinary_step(options):
     plain, query, data = _train(None, **options), _train("query", **options), _train("data", **options)
     assert _digest(plain["weights"]) == _digest(query["weights"]) == _digest(data["weights"])
     assert plain["records"] == query["records"] == data["records"]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=["default", "replacement+normalize", "energy+cap"])
+@pytest.mark.parametrize("options", VARIANTS, ids=["default", "subspace+normalize", "square+explore"])
 def test_replay_rebuilds_a_query_run(options):
     run = _train("query", queries=3, **options)
     # Each record's divisor comes from its own draw (a stale draw's would not match its blocks).
     assert all(r.divisor is None or len(r.divisor) == len(r.blocks) for r in run["records"])
-    assert ("sampling" not in options) or all(r.divisor is not None for r in run["records"])
+    assert ("correction" not in options) or all(r.divisor is not None for r in run["records"])
     model = _net()
     zo = DistributedZO(_optimizer(model, **options), "query", queries=3)
     grads = [r.grad for r in run["records"]]

@@ -28,11 +28,9 @@ CASES = [
     Case("curvzo-uniform", CurvZO, {"sampling": "uniform"}),
     Case("curvzo-square-explore-floor", CurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
     Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
-    Case("curvzo-energy", CurvZO, {"feedback": "energy", "pi_floor": 0.05}),
     Case("curvzo-dense-below", CurvZO, {"dense_below": 4, "block_size": 8}),
-    Case("curvzo-replacement-dense", CurvZO, {"sampling": "replacement", "dense_below": 4, "block_size": 8, "explore_mix": 0.3}),
-    Case("curvzo-subspace-cap", CurvZO, {"correction": "subspace", "multiplier_cap": 2.0}),
-    Case("curvzo-cap-normalize", CurvZO, {"multiplier_cap": 3.0, "normalize": True}),
+    Case("curvzo-subspace-dense", CurvZO, {"correction": "subspace", "dense_below": 4, "block_size": 8}),
+    Case("curvzo-subspace-normalize", CurvZO, {"correction": "subspace", "normalize": True}),
     Case("mezo-normalize", MeZO, {"normalize": True}),
 ]
 IDS = [c.desc for c in CASES]
@@ -45,9 +43,8 @@ BAD_INPUTS = [
     (MeZO, {"block_size": 0}, ValueError, "Invalid block_size: 0"),
     (CurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
     (CurvZO, {"dense_below": -1}, ValueError, "Invalid dense_below: -1"),
-    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling 'pps' or 'replacement'"),
+    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling='pps'"),
     (CurvZO, {"correction": "none"}, ValueError, "Invalid correction"),
-    (CurvZO, {"multiplier_cap": 0.0}, ValueError, "Invalid multiplier_cap"),
     (MeZO, {"normalize": 1}, TypeError, "normalize must be a bool"),
     (CurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
     (CurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
@@ -269,7 +266,7 @@ def test_hf_estimator_is_unbiased_for_every_sampling():
     with D degrees of freedom for an unbiased estimator, so a bias of a few standard errors per
     coordinate (or a missing 1/pi) pushes it far above the bound.
     """
-    for sampling in ("pps", "multinomial", "uniform", "replacement"):
+    for sampling in ("pps", "multinomial", "uniform"):
         params = make_params()
         coeffs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
         true = torch.cat([c.flatten() for c in coeffs]).double()
@@ -292,28 +289,6 @@ def test_hf_estimator_is_unbiased_for_every_sampling():
         d = true.numel()
         assert chi2 < d + 5 * (2 * d) ** 0.5, (sampling, chi2)
         assert torch.linalg.vector_norm(mean - true) < 0.35 * torch.linalg.vector_norm(true), sampling
-
-
-def test_curvzo_energy_feedback_concentrates_on_the_high_energy_block():
-    """Block 0 holds nearly all the gradient energy; the energy feedback finds it.
-
-    The reference rule (``feedback="abs"`` or ``"square"``) shares each step's credit with every
-    co-sampled block and does not reliably rank block 0 first on this problem (measured: after 400
-    steps its pi_0 is 0.55 / 0.54 against others up to 0.55 / 0.61), which is why it is not the
-    default. The energy regression needs a slow average: g^2 is one chi-square draw per step.
-    """
-    g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(20, generator=g)) for _ in range(10)]
-    scales = [100.0] + [0.01] * 9
-    f = lambda: sum(s * (p**2).sum() for s, p in zip(scales, params))
-    opt = CurvZO(params, lr=0.0, eps=1e-3, seed=0, feedback="energy", score_beta=0.01)
-    for _ in range(400):
-        opt.step(f)
-    pi = opt.inclusion_probabilities()
-    energy = opt._global_state()["energy"]
-    assert energy[0] > 2 * energy[1:].abs().max()
-    # Variance-optimal pi still samples the others: their 1/pi-scaled noise would dominate.
-    assert pi[0] == pi.max() and pi[0] > 1.25 * pi[1:].mean()
 
 
 @pytest.mark.parametrize("sampling", ["pps", "uniform"])

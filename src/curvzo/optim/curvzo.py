@@ -17,14 +17,13 @@ from .optimizer import DEFAULT_MAX_CHUNK, StepRecord, ZOOptimizer
 
 __all__ = ["CurvZO"]
 
-Sampling = Literal["pps", "multinomial", "uniform", "replacement"]
-Feedback = Literal["abs", "square", "energy"]
+Sampling = Literal["pps", "multinomial", "uniform"]
+Feedback = Literal["abs", "square"]
 Correction = Literal["ht", "subspace"]
 
 _SAMPLINGS = get_args(Sampling)
 _FEEDBACKS = get_args(Feedback)
 _CORRECTIONS = get_args(Correction)
-_DENSE_SAMPLINGS = ("pps", "replacement")  # the samplings that can keep small blocks always perturbed
 
 
 class CurvZO(ZOOptimizer):
@@ -42,9 +41,7 @@ class CurvZO(ZOOptimizer):
         \end{aligned}
 
     where :math:`\phi(g) = |g|` (``feedback="abs"``, the reference port) or :math:`g^2`
-    (``"square"``, the paper's diagonal-Fisher reading). ``feedback="energy"`` replaces this
-    credit rule by per-block energy estimates and the variance-optimal allocation (see
-    ``_observe_energy``). Every ``budget_every`` steps the budget
+    (``"square"``, the paper's diagonal-Fisher reading). Every ``budget_every`` steps the budget
     fraction f = k/d moves towards 0.1 + 0.7 (0.7 N_eff/d + 0.3 (1 - H)) of the scores'
     effective number N_eff and normalised entropy H, clipped to [0.1, 0.8].
 
@@ -55,12 +52,9 @@ class CurvZO(ZOOptimizer):
         weight_decay (float): decoupled L2 factor on sampled blocks (default: 0).
         seed (int): seed of the optimizer's generators (default: 0).
         sampling (str): ``"pps"`` Poisson probability-proportional-to-size (default),
-            ``"multinomial"`` k draws without replacement (pi ~= min(1, k p)), ``"uniform"``
-            k of d uniformly (the paper's uniform-sampling ablation), or ``"replacement"`` k draws
-            with replacement, a block drawn m_b times divided by k p_b / m_b (Hansen-Hurwitz:
-            unbiased, and no block's multiplier exceeds 1 / (k p_b) however rarely it is drawn;
-            ``explore_mix`` smooths p).
-        feedback (str): ``"abs"`` (default), ``"square"`` or ``"energy"``, see above.
+            ``"multinomial"`` k draws without replacement (pi ~= min(1, k p)),
+            or ``"uniform"`` k of d uniformly (the paper's uniform-sampling ablation).
+        feedback (str): ``"abs"`` (default) or ``"square"``, see above.
         explore_mix (float | "adaptive" | None): mix alpha of the uniform distribution into p,
             re-estimated with the budget when ``"adaptive"`` (default: None, off).
         pi_floor (float): lower bound on the inclusion probability of the group's blocks (pps
@@ -90,9 +84,6 @@ class CurvZO(ZOOptimizer):
             perturbed, the same for every sampled block (block-coordinate ZO: a biased step
             within the sampled subspace, whose size no longer depends on how rarely a block is
             drawn).
-        multiplier_cap (float, optional): bound |g| / divisor_b by this many running scales of
-            |g| (the divisor is raised where it would be exceeded): clips the heavy tail of the
-            per-block multiplier at the price of a bias (default: None, no cap).
         normalize (bool): divide g by a running scale of |g| (see ZOOptimizer; default: False).
         newton (bool): the directional Newton step; the closure returns ``(loss, logits)`` and
             ``lr`` is the fraction of the step taken, about 0.1 (see ZOOptimizer; default: False).
@@ -132,7 +123,6 @@ class CurvZO(ZOOptimizer):
         max_chunk: int = DEFAULT_MAX_CHUNK,
         noise: Noise = "gaussian",
         correction: Correction = "ht",
-        multiplier_cap: float | None = None,
         normalize: bool = False,
         newton: bool = False,
     ) -> None:
@@ -154,8 +144,6 @@ class CurvZO(ZOOptimizer):
             raise ValueError(f"Invalid init_score: {init_score!r} (a positive float)")
         if correction not in _CORRECTIONS:
             raise ValueError(f"Invalid correction: {correction!r} (choose from {', '.join(_CORRECTIONS)})")
-        if not (multiplier_cap is None or (is_real(multiplier_cap) and multiplier_cap > 0)):
-            raise ValueError(f"Invalid multiplier_cap: {multiplier_cap!r} (None or a positive float)")
         self.sampling = sampling
         self.feedback = feedback
         self.explore_mix = explore_mix
@@ -166,9 +154,7 @@ class CurvZO(ZOOptimizer):
         self.normalize_by_numel = normalize_by_numel
         self.init_score = float(init_score)
         self.correction = correction
-        self.multiplier_cap = None if multiplier_cap is None else float(multiplier_cap)
         self._step_active: torch.Tensor | None = None
-        self._step_divisor: torch.Tensor | None = None  # with-replacement divisors of this step's blocks
         self._dense_for: list | None = None
         self._dense = torch.zeros(0, dtype=torch.bool)
         self._floor = torch.zeros(0, dtype=torch.float64)
@@ -188,8 +174,8 @@ class CurvZO(ZOOptimizer):
             raise ValueError(f"Invalid dense_below: {group['dense_below']!r} (an int >= 0)")
         if group["pi_floor"] and self.sampling != "pps":
             raise ValueError(f"pi_floor requires sampling='pps', got sampling={self.sampling!r}")
-        if group["dense_below"] and self.sampling not in _DENSE_SAMPLINGS:
-            raise ValueError(f"dense_below requires sampling 'pps' or 'replacement', got sampling={self.sampling!r}")
+        if group["dense_below"] and self.sampling != "pps":
+            raise ValueError(f"dense_below requires sampling='pps', got sampling={self.sampling!r}")
 
     # ----------------------------------------------------------------- state
     def _init_global_state(self, state: dict[str, Any]) -> None:
@@ -199,8 +185,6 @@ class CurvZO(ZOOptimizer):
         fraction = self.init_fraction if self.budget == "adaptive" else float(self.budget)
         state["k"] = fraction * d
         state["alpha"] = 0.1 if self.explore_mix == "adaptive" else float(self.explore_mix or 0.0)
-        if self.feedback == "energy":
-            state["energy"] = torch.zeros(d, dtype=torch.float64)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -245,8 +229,6 @@ class CurvZO(ZOOptimizer):
         p = self.sampling_distribution(active)
         if self.sampling == "multinomial":
             return torch.clamp(k * p, max=1.0)
-        if self.sampling == "replacement":
-            return 1.0 - (1.0 - p) ** k
         pi = pps_inclusion(p, k)
         floor = self._floor if active is None else self._floor * active
         return torch.maximum(pi, floor) if bool(floor.any()) else pi
@@ -283,11 +265,8 @@ class CurvZO(ZOOptimizer):
     def _sample(self, state: dict[str, Any], active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.budget == "adaptive" and state["step"] % self.budget_every == 0:
             self._update_budget(state, self._drawable(active))
-        self._step_pi = self.inclusion_probabilities(active)  # the energy feedback needs every pi_b
+        self._step_pi = self.inclusion_probabilities(active)  # the subspace correction needs every pi_b
         self._step_active = active
-        self._step_divisor = None
-        if self.sampling == "replacement":
-            return self._draw_with_replacement(active)
         if self.sampling == "uniform":
             candidates = torch.arange(len(self.blocks)) if active is None else active.nonzero().flatten()
             return draw_uniform(candidates, self._k_int(active), self._sampler)
@@ -297,31 +276,10 @@ class CurvZO(ZOOptimizer):
         ids = draw_poisson(self._step_pi, self._sampler)
         return ids, self._step_pi[ids]
 
-    def _draw_with_replacement(self, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """k draws from p over the drawable blocks, plus the blocks always perturbed; keeps each
-        drawn block's Hansen-Hurwitz divisor k p_b / m_b (1 for the always-perturbed ones)."""
-        dense = self._dense_blocks(active)
-        drawable = self._drawable(active)
-        divisor = dense.double()
-        if drawable is None or bool(drawable.any()):
-            p = self.sampling_distribution(drawable)
-            k = self._k_int(drawable)
-            counts = torch.bincount(torch.multinomial(p, k, replacement=True, generator=self._sampler),
-                                    minlength=len(self.blocks)).double()
-            divisor = torch.where(counts > 0, k * p / counts.clamp_min(1.0), divisor)
-        ids = (divisor > 0).nonzero().flatten()
-        self._step_divisor = divisor[ids]
-        return ids, self._step_pi[ids]
-
-    def _correction(self, pi: torch.Tensor, grad: float, scale: float) -> torch.Tensor:
-        divisor = pi if self._step_divisor is None else self._step_divisor
+    def _correction(self, pi: torch.Tensor) -> torch.Tensor:
         if self.correction == "subspace":
-            divisor = torch.full_like(pi, self._perturbed_fraction())
-        if self.multiplier_cap is not None and scale > 0.0:
-            floor = abs(grad) / (self.multiplier_cap * scale)
-            if bool((divisor < floor).any()):
-                divisor = divisor.clamp_min(floor)
-        return divisor
+            return torch.full_like(pi, self._perturbed_fraction())
+        return pi
 
     def _perturbed_fraction(self) -> float:
         """Expected share of the active elements a step perturbs: sum pi_b n_b / sum n_b."""
@@ -353,9 +311,6 @@ class CurvZO(ZOOptimizer):
 
     # ----------------------------------------------------------------- learning from the step
     def _observe(self, state: dict[str, Any], record: StepRecord, sq_norms: torch.Tensor) -> None:
-        if self.feedback == "energy":
-            self._observe_energy(state, record)
-            return
         g = record.grad
         phi = abs(g) if self.feedback == "abs" else g * g
         state["mean_feedback"] = 0.9 * state["mean_feedback"] + 0.1 * phi
@@ -368,26 +323,3 @@ class CurvZO(ZOOptimizer):
         scores = state["scores"]
         scores[ids] = (1.0 - self.score_beta) * scores[ids] + self.score_beta * r * weights
 
-
-    def _observe_energy(self, state: dict[str, Any], record: StepRecord) -> None:
-        """Per-block gradient energies by regression of g^2 on the inclusion indicators.
-
-        With independent inclusions, E[g^2 (1_b - pi_b)] = pi_b (1 - pi_b) ||grad_b||^2, so
-        g^2 (1_b - pi_b) / (pi_b (1 - pi_b)) is an unbiased estimate of block b's energy G_b from
-        every step, sampled or not. Scores then follow the variance-optimal allocation of the
-        Horvitz-Thompson estimator, pi_b ~ sqrt((n_b + 2) G_b + n_b C) with C = sum_j pi_j G_j:
-        blocks that carry gradient are perturbed more, and large blocks are not starved (their
-        1/pi-scaled noise would dominate the error).
-        """
-        pi = self._step_pi
-        usable = (pi > 0.01) & (pi < 0.99)  # the estimate's variance explodes at the edges
-        included = torch.zeros_like(pi)
-        included[list(record.blocks)] = 1.0
-        estimate = record.grad**2 * (included - pi) / (pi * (1.0 - pi)).clamp_min(1e-12)
-        energy = state["energy"]
-        energy[usable] = (1.0 - self.score_beta) * energy[usable] + self.score_beta * estimate[usable]
-        positive = energy.clamp_min(0.0)
-        self._refresh_block_options()
-        sizes = self._sizes
-        cross = float((pi * positive).sum())
-        state["scores"] = torch.sqrt((sizes + 2.0) * positive + sizes * cross).clamp_min(1e-12)

@@ -262,7 +262,7 @@ def _draws(optimizer: ZOOptimizer, active: torch.Tensor | None, queries: int) ->
     number, budget schedule), all from the statistics of the step's start.
 
     Each draw comes with the attributes it (re)assigned on the optimizer: what ``_sample`` leaves
-    for ``_observe`` (CurvZO's energy feedback keeps every block's pi), restored before the draw's
+    for ``_commit`` (CurvZO's subspace correction reads every block's pi), restored before the draw's
     record is learnt from.
     """
     state = optimizer._global_state()

@@ -69,8 +69,8 @@ class StepRecord:
     ``eps`` are per parameter group, as they were when the step ran (schedulers change them).
     ``grad`` is (L+ - L-) / (2 eps) with the first group's eps; a group perturbed with another eps
     moves by ``grad * eps[0] / eps[g]``, its own projected gradient. The update divides it by
-    ``divisor[i]`` where an estimator replaces the Horvitz-Thompson 1/pi (a cap, a subspace
-    scaling, with-replacement counts, a running normalisation), by ``pi[i]`` when ``divisor`` is
+    ``divisor[i]`` where an estimator replaces the Horvitz-Thompson 1/pi (a subspace scaling, a
+    running normalisation), by ``pi[i]`` when ``divisor`` is
     None; the record then still says how the blocks were drawn, which the optimizer learns from.
     ``newton`` is the curvature the lr is divided by in a Newton step (``newton=True``), None
     otherwise.
@@ -359,9 +359,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _observe(self, state: dict[str, Any], record: StepRecord, sq_norms: torch.Tensor) -> None:
         """Learn from a completed (not skipped) step; ``sq_norms[i]`` is ||z||^2 of record.blocks[i]."""
 
-    def _correction(self, pi: torch.Tensor, grad: float, scale: float) -> torch.Tensor:
-        """What the update divides g z_b by, before any normalisation: pi_b (Horvitz-Thompson);
-        ``scale`` is the running |g| (this step's included) for estimators that bound g / pi by it."""
+    def _correction(self, pi: torch.Tensor) -> torch.Tensor:
+        """What the update divides g z_b by, before any normalisation: pi_b (Horvitz-Thompson)."""
         return pi
 
     def budget_fraction(self) -> float:
@@ -467,7 +466,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         state = self._global_state()
         skipped = not math.isfinite(grad) or (self.newton and not math.isfinite(curvature if curvature is not None else math.nan))
         scale = _running_scale(state.get("grad_scale"), grad)
-        divisor = None if skipped else self._divisor(draw.probabilities, grad, scale)
+        divisor = None if skipped else self._divisor(draw.probabilities, scale)
         record = StepRecord(
             step=draw.step,
             seed=draw.seed,
@@ -491,10 +490,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                                   curvature)
         return self.last_step
 
-    def _divisor(self, pi: torch.Tensor, grad: float, scale: float) -> tuple[float, ...] | None:
+    def _divisor(self, pi: torch.Tensor, scale: float) -> tuple[float, ...] | None:
         """The record's ``divisor``: the estimator's correction, times the running scale when
         normalising; None for the plain Horvitz-Thompson update (divide by pi)."""
-        divisor = self._correction(pi, grad, scale)
+        divisor = self._correction(pi)
         if self.normalize and scale > 0.0:  # scale 0 means g = 0: a step of zero either way
             divisor = divisor * scale
         return None if divisor is pi else tuple(float(x) for x in divisor.tolist())
