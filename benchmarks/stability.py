@@ -82,6 +82,11 @@ class Variant:
 
 
 _CURVZO = {"dense_below": 16384}
+#: The random-subspace lr law, checked here at 40 steps as the ``scaling`` profile checks it at 400:
+#: uniformly drawn tensors, a fixed budget f, and the update divided by the expected share f of the
+#: elements perturbed (no 1/pi). The step along z_S is lr / f, so the law (theory and MeZO-BCD)
+#: predicts MeZO's largest stable lr in these units at every f, and an equal loss per forward.
+SUBSPACE_FRACTIONS = (0.5, 0.25, 0.125, 0.03125)
 #: In priority order: a partial run covers the first ones. Normalised variants move by about lr
 #: per coordinate instead of lr |g| (|g| ~ 5-50 here), so their search starts 8x higher.
 #: A normalised g estimates the gradient divided by a running scale, so it has no MSE against the
@@ -101,6 +106,8 @@ VARIANTS: dict[str, Variant] = {
     "curvzo+floor0.2": Variant("curvzo", {**_CURVZO, "pi_floor": 0.2}, mse_method="curvzo+floor0.2"),
     "curvzo+rademacher": Variant("curvzo", {**_CURVZO, "noise": "rademacher"}, mse_method="curvzo+rademacher"),
     "uniform-sparse": Variant("uniform-sparse", mse_method="uniform-sparse"),
+    **{f"subspace-f{f:g}": Variant("curvzo-ref", {"sampling": "uniform", "budget": f, "correction": "subspace"})
+       for f in SUBSPACE_FRACTIONS},
 }
 #: Where the one-batch MSE column comes from (``python -m benchmarks.estimator_quality``).
 ESTIMATOR_QUALITY = RESULTS_DIR / "estimator_quality.json"
@@ -373,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in (n for n in names if not VARIANTS[n].retired):
             for t, task in loaded.items():
                 search(task, name, base[t], run_out, args.data_dir)
-                _write(args.out, tasks, names, args.steps)
-    print(_write(args.out, tasks, names, args.steps))
+                _write(args.out, tasks, args.steps)
+    print(_write(args.out, tasks, args.steps))
     return 0
 
 
@@ -382,7 +389,9 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out if seed == 0 else out / f"seed{seed}"
 
 
-def _write(out: Path, tasks: Sequence[str], names: Sequence[str], steps: int) -> str:
+def _write(out: Path, tasks: Sequence[str], steps: int) -> str:
+    """The tables of every variant with finished runs, whichever ran this time."""
+    names = list(VARIANTS)
     result = aggregate(out, tasks, names, steps)
     seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
     result["other_seeds"] = {seed: aggregate(seed_dir(out, seed), tasks, names, steps)["tasks"] for seed in seeds}
