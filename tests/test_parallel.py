@@ -28,9 +28,9 @@ from threads import pinned_threads, thread_env
 STEPS = 4
 
 
-def _argv(tiny_dir: Path, data_dir: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+def _argv(tiny_dir: Path, data_dir: Path, out: Path, *extra: str, steps: int = STEPS, lr: str = "1e-3") -> list[str]:
     return ["train", "--model", str(tiny_dir), "--task", "sst2", "--data-dir", str(data_dir), "--num-train", "16",
-            "--num-dev", "4", "--num-test", "4", "--batch-size", "4", "--steps", str(steps), "--lr", "1e-3",
+            "--num-dev", "4", "--num-test", "4", "--batch-size", "4", "--steps", str(steps), "--lr", lr,
             "--eval-every", "2", "--output-dir", str(out), "--no-progress", "--keep", "weights", *extra]
 
 
@@ -121,6 +121,21 @@ def test_shard_mode_follows_one_process_and_its_records_replay_unsharded(tiny_di
     # The gathered checkpoint continues in one process.
     assert main(["train", "--resume", str(run), "--steps", str(STEPS + 1), "--no-progress"]) == 0
     assert len(_log(run)) == STEPS + 1
+
+
+def test_a_newton_run_in_query_mode_logs_its_curvature_and_replays(tiny_dir, data_dir, tmp_path):
+    """Each query's curvature crosses the ranks with its losses: the trajectory's Newton records
+    rebuild the 2-process run in one process, bit for bit."""
+    run = tmp_path / "newton"
+    argv = _argv(tiny_dir, data_dir, run, "--parallel", "query", "--set", "optimizer_options={newton: true}", lr="0.1")
+    code, err = _finish(_torchrun("-m", "curvzo", *argv))
+    assert code == 0, err
+    log = _log(run)
+    assert all(r["curvature"] > 0 and r["step_lr"] > 0 for r in log)
+    assert main(["replay", str(tiny_dir), str(run / "trajectory.czt"), "--out", str(tmp_path / "rebuilt")]) == 0
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    final = _weights(run)
+    assert all(torch.equal(final[name], rebuilt[name]) for name in final)
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

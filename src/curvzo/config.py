@@ -216,9 +216,9 @@ class TrainConfig:
             out.append("`parallel: shard` shards full fine-tuning of float32 weights (dtype: float32, peft: none)")
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
-        elif self.newton and (self.objective != "loss" or self.parallel != "none"):
-            out.append("`optimizer_options: {newton: true}` measures its curvature from the loss's logits in one "
-                       "process (objective: loss, parallel: none)")
+        elif self.newton and self.objective != "loss":
+            out.append("`optimizer_options: {newton: true}` measures its curvature from the loss's logits "
+                       "(objective: loss)")
         out += _device_problems(self.device)
         from .tracking import report_to_problem  # transformers is imported only for a value other than none
 

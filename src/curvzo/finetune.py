@@ -463,10 +463,20 @@ def take_parallel_step(
         batch = scoring.encode(tokenizer, mine, max_length=cfg.max_length).to(cfg.resolved_device())
         per_token = task.output_type == "generate_until" and cfg.objective == "loss"
         weight = float(batch.label_mask.sum()) if per_token else float(share)
-    loss = zo.step(lambda: objective(model, task, batch, cfg.objective), active=active, weight=weight)
+    loss = zo.step(_zo_closure(zo.optimizer, model, task, batch, cfg), active=active, weight=weight)
     steps = zo.last_steps
+    newton = {}
+    if zo.optimizer.newton:
+        newton = {"curvature": _mean([s.curvature for s in steps]),
+                  "step_lr": sum(s.record.step_lr(0) for s in steps) / len(steps)}
     return loss, {"grad": sum(s.grad for s in steps) / len(steps), "budget": round(steps[0].budget, 4),
-                  "blocks": sum(s.num_blocks for s in steps), "skipped": any(s.skipped for s in steps)}
+                  "blocks": sum(s.num_blocks for s in steps), "skipped": any(s.skipped for s in steps), **newton}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of a step's per-query values (None where a skipped query measured none)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def active_blocks(optimizer: ZOOptimizer, model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
@@ -649,7 +659,8 @@ def _replay_records(
         if len(item) == 1:
             optimizer.replay(item[0].grad, active=item[0].active, curvature=item[0].curvature)
         else:
-            replay_queries(optimizer, [r.grad for r in item], active=item[0].active)
+            curvatures = [r.curvature for r in item] if getattr(optimizer, "newton", False) else None
+            replay_queries(optimizer, [r.grad for r in item], active=item[0].active, curvatures=curvatures)
         done += 1
         on_step(1)
     return done

@@ -24,6 +24,7 @@ from threads import THREADS, pinned_threads
 STEPS = 4
 BATCH = 6
 WORLD = 2
+NEWTON = {"newton": True, "lr": 0.1}  # the Newton step's options: lr is the fraction of the step taken
 
 
 class Net(nn.Module):
@@ -52,12 +53,18 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimizer(model: nn.Module, **options):
-    return build_optimizer("curvzo", model.parameters(), lr=1e-4, eps=1e-3, seed=3, model=model, block_size=4000,
-                           dense_below=100, budget_every=2, **options)
+    defaults = {"lr": 1e-4, "eps": 1e-3, "seed": 3, "block_size": 4000, "dense_below": 100, "budget_every": 2}
+    return build_optimizer("curvzo", model.parameters(), model=model, **{**defaults, **options})
 
 
 def _loss(model: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(ids) - y) ** 2).mean()
+
+
+def _loss_and_logits(model: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Newton step's closure: the cross-entropy of the head's 5 logits against y's largest entry."""
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits, y.argmax(-1)), logits
 
 
 def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None = None, shard: bool = False,
@@ -73,18 +80,20 @@ def _train(mode: str | None, rank: int = 0, world: int = 1, queries: int | None 
     opt = _optimizer(model, **options)
     zo = DistributedZO(opt, mode, queries=queries) if mode else None
     ids, ys = _data()
-    records = []
+    loss = _loss_and_logits if opt.newton else _loss
+    steps = []
     for t in range(STEPS):
         share = slice(rank * BATCH // world, (rank + 1) * BATCH // world) if mode in ("data", "shard") else slice(None)
-        closure = lambda: _loss(model, ids[t, share], ys[t, share])  # noqa: E731
+        closure = lambda: loss(model, ids[t, share], ys[t, share])  # noqa: E731
         if zo is None:
             opt.step(closure)
-            records.append(opt.last_step.record)
+            steps.append(opt.last_step)
         else:
             zo.step(closure, weight=share.stop - share.start if share.stop else 1.0)
-            records += [info.record for info in zo.last_steps]
+            steps += zo.last_steps
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
-    return {"weights": weights, "scores": opt.scores.clone(), "records": records, "k": opt._global_state()["k"],
+    return {"weights": weights, "scores": opt.scores.clone(), "records": [s.record for s in steps],
+            "curvatures": [s.curvature for s in steps], "k": opt._global_state()["k"],
             "bytes": zo.bytes_communicated if zo else 0}
 
 
@@ -93,7 +102,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {mode: _train(mode, rank, WORLD, shard=mode == "shard") for mode in ("data", "query", "shard")}
+        results = {f"{mode}{'-newton' * newton}": _train(mode, rank, WORLD, shard=mode == "shard", **(NEWTON if newton else {}))
+                   for mode in ("data", "query", "shard") for newton in (False, True)}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -125,15 +135,16 @@ def _close(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("mode", ["data", "query", "shard"])
+@pytest.mark.parametrize("mode", ["data", "query", "shard", "data-newton", "query-newton", "shard-newton"])
 def test_weights_are_bit_identical_across_ranks(ranks, mode):
     assert _digest(ranks[0][mode]["weights"]) == _digest(ranks[1][mode]["weights"])
     assert torch.equal(ranks[0][mode]["scores"], ranks[1][mode]["scores"])
 
 
-@pytest.mark.parametrize("mode", ["data", "shard"])
+@pytest.mark.parametrize("mode", ["data", "shard", "data-newton", "shard-newton"])
 def test_data_and_shard_modes_follow_one_process_on_the_global_batch(ranks, mode):
-    reference = _train(None)
+    newton = mode.endswith("-newton")
+    reference = _train(None, **(NEWTON if newton else {}))
     got = ranks[0][mode]
     assert [(r.seed, r.blocks) for r in got["records"]] == [(r.seed, r.blocks) for r in reference["records"]]
     # The losses are summed in another order: g = (L+ - L-) / (2 eps) differs by ~ulp(L) / eps, and
@@ -146,33 +157,42 @@ def test_data_and_shard_modes_follow_one_process_on_the_global_batch(ranks, mode
     # it by up to lr * 1e-3 * |z| / pi = 1e-7 * |z| / pi per step: a few 1e-6 over the run.
     _close(got["weights"], reference["weights"], atol=5e-6)
     assert not torch.equal(got["weights"]["body.weight"], _net().body.weight)  # it trained
-    assert got["bytes"] == STEPS * 3 * 8 + (0 if mode == "data" else sum(8 * len(r.blocks) for r in got["records"]))
+    if newton:  # the curvature of the global batch (the ranks' means weighted by their shares), to g's rounding
+        assert got["curvatures"] == pytest.approx(reference["curvatures"], rel=1e-4)
+        assert [r.newton for r in got["records"]] == pytest.approx([r.newton for r in reference["records"]], rel=1e-4)
+    per_step = 4 if newton else 3  # L+, L-, the share's weight (and the curvature) per rank
+    assert got["bytes"] == STEPS * per_step * 8 + (0 if mode.startswith("data") else
+                                                   sum(8 * len(r.blocks) for r in got["records"]))
 
 
-def test_query_mode_equals_one_process_taking_q_queries(ranks):
+@pytest.mark.parametrize("mode", ["query", "query-newton"])
+def test_query_mode_equals_one_process_taking_q_queries(ranks, mode):
+    newton = mode.endswith("-newton")
     with pinned_threads():  # the ranks' count: the claim is bit-identity
-        reference = _train("query", queries=WORLD)
-    got = ranks[0]["query"]
+        reference = _train("query", queries=WORLD, **(NEWTON if newton else {}))
+    got = ranks[0][mode]
     assert _digest(got["weights"]) == _digest(reference["weights"])
     assert torch.equal(got["scores"], reference["scores"])
-    assert got["records"] == reference["records"]
-    assert len(got["records"]) == STEPS * WORLD and got["bytes"] == STEPS * 2 * 8
+    assert got["records"] == reference["records"] and got["curvatures"] == reference["curvatures"]
+    assert all((c is not None) == newton for c in got["curvatures"])
+    assert len(got["records"]) == STEPS * WORLD and got["bytes"] == STEPS * (3 if newton else 2) * 8
 
 
 # The estimator variants leave per-draw facts on the optimizer (the subspace correction's
 # inclusion probabilities, the running |g| scale): a q-query step must restore each draw's before
-# learning from it.
-VARIANTS = [{}, {"correction": "subspace", "normalize": True}, {"feedback": "square", "explore_mix": "adaptive"}]
+# learning from it. A Newton step also carries each query's curvature through the exchange.
+VARIANTS = [{}, {"correction": "subspace", "normalize": True}, {"feedback": "square", "explore_mix": "adaptive"}, NEWTON]
+VARIANT_IDS = ["default", "subspace+normalize", "square+explore", "newton"]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=["default", "subspace+normalize", "square+explore"])
+@pytest.mark.parametrize("options", VARIANTS, ids=VARIANT_IDS)
 def test_one_query_is_the_ordinary_step(options):
     plain, query, data = _train(None, **options), _train("query", **options), _train("data", **options)
     assert _digest(plain["weights"]) == _digest(query["weights"]) == _digest(data["weights"])
     assert plain["records"] == query["records"] == data["records"]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=["default", "subspace+normalize", "square+explore"])
+@pytest.mark.parametrize("options", VARIANTS, ids=VARIANT_IDS)
 def test_replay_rebuilds_a_query_run(options):
     run = _train("query", queries=3, **options)
     # Each record's divisor comes from its own draw (a stale draw's would not match its blocks).
@@ -181,8 +201,9 @@ def test_replay_rebuilds_a_query_run(options):
     model = _net()
     zo = DistributedZO(_optimizer(model, **options), "query", queries=3)
     grads = [r.grad for r in run["records"]]
+    curvatures = run["curvatures"] if zo.optimizer.newton else [None] * len(grads)
     for t in range(STEPS):
-        zo.replay(grads[3 * t : 3 * t + 3])
+        zo.replay(grads[3 * t : 3 * t + 3], curvatures=curvatures[3 * t : 3 * t + 3] if zo.optimizer.newton else None)
     assert _digest(dict(model.state_dict())) == _digest(run["weights"])
     assert torch.equal(zo.optimizer.scores, run["scores"])
 

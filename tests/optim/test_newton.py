@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvzo.optim import CurvZO, DistributedZO, MeZO
+from curvzo.optim import CurvZO, MeZO
 from curvzo.optim._newton import FLOOR, MOMENTUM, gauss_newton_curvature
 
 
@@ -97,12 +97,10 @@ def test_newton_steps_descend_replay_resume_and_stay_exact_at_lr_zero(cls):
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
 
 
-def test_a_newton_step_needs_a_closure_with_logits_and_runs_in_one_process():
+def test_a_newton_step_needs_a_closure_with_logits():
     model, x, y = classifier()
     opt = MeZO(model.parameters(), lr=0.1, model=model, newton=True)
     with pytest.raises(TypeError, match=r"newton=True needs a closure that returns \(loss, logits\)"):
         opt.step(lambda: F.cross_entropy(model(x), y))
-    with pytest.raises(ValueError, match="newton=True.*runs in one process"):
-        DistributedZO(opt, "data")
     with pytest.raises(TypeError, match="newton must be a bool"):
         MeZO(model.parameters(), model=model, newton=1)

@@ -10,11 +10,11 @@ updates in the same order.
 
 * ``data``: every rank draws the same seed and blocks, evaluates the closure on its share of the
   global batch, and the two losses are averaged over the ranks (weighted by share size): one
-  all-gather of 3 float64 per rank and step. Same trajectory as one process on the global batch,
-  up to the order of the loss reduction.
+  all-gather of 3 float64 per rank and step (4 for a Newton step, whose curvature is averaged the
+  same way). Same trajectory as one process on the global batch, up to the order of the reduction.
 * ``query``: q directions (q = the group size by default) are drawn one after another from the
   same state, rank r evaluates directions r, r + W, ... on the same batch, the (L+, L-) pairs are
-  all-gathered (2 float64 per query) and every rank applies all q updates in query order, then
+  all-gathered (2 float64 per query, 3 with a Newton step's curvature) and every rank applies all q updates in query order, then
   learns from each (CurvZO's scores and budget see all q records, identically on every rank).
   One process with ``queries=q`` evaluates all q itself and is the reference a q-rank run equals
   bit for bit: the q-query step is q ordinary steps whose directions are all drawn, and whose
@@ -57,6 +57,9 @@ __all__ = ["DistributedZO", "replay_queries", "local_shard"]
 
 _UNSET = object()
 
+#: What one direction's evaluation gives: L+, L- and, for a Newton step, the curvature along z.
+Measured = tuple[float, float, float | None]
+
 
 class DistributedZO:
     """Runs a ZO optimizer's step on every rank of a process group (see the module docstring).
@@ -95,9 +98,6 @@ class DistributedZO:
             raise ValueError(f"Invalid queries: {queries!r} (a multiple of the {self.world} ranks)")
         if mode == "shard" and any(p.dtype != torch.float32 for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("shard mode needs float32 parameters")
-        if optimizer.newton:
-            raise ValueError("the Newton step (newton=True) runs in one process: its curvature is not "
-                             "combined across ranks")
         if mode == "shard" and optimizer.model is None:
             raise ValueError("shard mode needs the optimizer's `model` (the fully_shard-ed module it reshards)")
         self.optimizer = optimizer
@@ -122,22 +122,25 @@ class DistributedZO:
         draws = _draws(opt, active, self.queries)
         if self.mode == "query":
             local = [self._evaluate(closure, draws[i][0]) for i in range(self.rank, self.queries, self.world)]
-            losses = self._gather_queries(local)
+            measured = self._gather_queries(local)
         else:
-            losses = [self._mean_over_ranks(self._evaluate(closure, draws[0][0]), weight)]
+            measured = [self._mean_over_ranks(self._evaluate(closure, draws[0][0]), weight)]
         two_eps = 2.0 * opt.param_groups[0]["eps"]
-        self.last_steps = _commit(opt, draws, losses, [(plus - minus) / two_eps for plus, minus in losses], self._apply)
-        return sum(0.5 * (plus + minus) for plus, minus in losses) / len(losses)
+        self.last_steps = _commit(opt, draws, measured, [(plus - minus) / two_eps for plus, minus, _ in measured],
+                                  self._apply)
+        return sum(0.5 * (plus + minus) for plus, minus, _ in measured) / len(measured)
 
     @torch.no_grad()
-    def replay(self, grads: Sequence[float], *, active: torch.Tensor | None = None) -> list[StepInfo]:
-        """Redo a logged step from its projected gradients alone (one per query): no closure, no
-        forward (shard mode still sums the blocks' noise norms over the ranks). Replaying a run's
-        gradients from its start rebuilds its weights."""
+    def replay(self, grads: Sequence[float], *, active: torch.Tensor | None = None,
+               curvatures: Sequence[float] | None = None) -> list[StepInfo]:
+        """Redo a logged step from its projected gradients alone (one per query; a Newton step also
+        needs the curvature each measured): no closure, no forward (shard mode still sums the
+        blocks' noise norms over the ranks). Replaying a run's gradients from its start rebuilds
+        its weights."""
         if len(grads) != self.queries:
             raise ValueError(f"a step of {self.queries} queries needs {self.queries} gradients, got {len(grads)}")
         self.last_steps = _commit(self.optimizer, _draws(self.optimizer, active, self.queries),
-                                  [(math.nan, math.nan)] * len(grads), list(grads), self._apply)
+                                  _replayed(self.optimizer, grads, curvatures), list(grads), self._apply)
         return self.last_steps
 
     @property
@@ -145,10 +148,10 @@ class DistributedZO:
         """How this mode updates the weights (None: the optimizer's own ``apply``)."""
         return self._apply_shards if self.mode == "shard" else None
 
-    def _evaluate(self, closure: Callable[[], Any], draw: Draw) -> tuple[float, float]:
+    def _evaluate(self, closure: Callable[[], Any], draw: Draw) -> Measured:
         if self.mode == "shard":
-            return self._evaluate_shards(closure, draw)
-        return self.optimizer._evaluate(closure, draw.seed, draw.blocks)
+            return self.optimizer._measure(*self._evaluate_shards(closure, draw))
+        return self.optimizer._evaluate_step(closure, draw.seed, draw.blocks)
 
     # ----------------------------------------------------------------- communication
     def _all_gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -161,23 +164,30 @@ class DistributedZO:
         self.bytes_communicated += local.numel() * local.element_size()
         return torch.stack(out).cpu()
 
-    def _mean_over_ranks(self, losses: tuple[float, float], weight: float) -> tuple[float, float]:
-        """(L+, L-) averaged over the ranks, each weighted by its share of the batch."""
+    def _mean_over_ranks(self, measured: Measured, weight: float) -> Measured:
+        """(L+, L-, curvature) averaged over the ranks, each weighted by its share of the batch
+        (the curvature is a mean over the batch's rows as the losses are)."""
         if self.world == 1:
-            return losses
-        rows = self._all_gather(torch.tensor([losses[0] * weight, losses[1] * weight, weight], dtype=torch.float64))
+            return measured
+        plus, minus, curvature = measured
+        values = [plus * weight, minus * weight, weight] + ([] if curvature is None else [curvature * weight])
+        rows = self._all_gather(torch.tensor(values, dtype=torch.float64))
         total = rows[0].clone()
         for row in rows[1:]:
             total += row
-        return float(total[0] / total[2]), float(total[1] / total[2])
+        mean = (total / total[2]).tolist()
+        return mean[0], mean[1], None if curvature is None else mean[3]
 
-    def _gather_queries(self, local: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        """Every query's (L+, L-) in query order, from each rank's own (query i is rank i mod W's)."""
+    def _gather_queries(self, local: list[Measured]) -> list[Measured]:
+        """Every query's (L+, L-, curvature) in query order, from each rank's own (query i is rank
+        i mod W's)."""
         if self.world == 1:
             return local
-        rows = self._all_gather(torch.tensor(local, dtype=torch.float64).view(-1, 2))
-        return [(float(rows[i % self.world, i // self.world, 0]), float(rows[i % self.world, i // self.world, 1]))
-                for i in range(self.queries)]
+        newton = self.optimizer.newton
+        values = [m[:3] if newton else m[:2] for m in local]
+        rows = self._all_gather(torch.tensor(values, dtype=torch.float64).view(len(local), -1))
+        out = [rows[i % self.world, i // self.world].tolist() for i in range(self.queries)]
+        return [(row[0], row[1], row[2] if newton else None) for row in out]
 
     # ----------------------------------------------------------------- shard mode
     def _local_pieces(self, draw_blocks: Sequence[Any]) -> list[tuple[Any, torch.Tensor, int, int, int]]:
@@ -201,13 +211,14 @@ class DistributedZO:
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    def _evaluate_shards(self, closure: Callable[[], Any], draw: Draw) -> tuple[float, float]:
-        """L(theta + eps z) and L(theta - eps z), each perturbation written into the local shards
-        (from the originals) before FSDP gathers them; the originals are copied back at the end."""
+    def _evaluate_shards(self, closure: Callable[[], Any], draw: Draw) -> tuple[Any, Any]:
+        """The closure's outputs at theta + eps z and theta - eps z, each perturbation written into
+        the local shards (from the originals) before FSDP gathers them; the originals are copied
+        back at the end."""
         opt = self.optimizer
         parts = self._local_pieces(draw.blocks)
         originals = [local[block.start + a - first : block.start + b - first].clone() for block, local, first, a, b in parts]
-        losses = []
+        outputs = []
         try:
             for sign in (1.0, -1.0):
                 self._reshard()
@@ -217,13 +228,12 @@ class DistributedZO:
                         for c, d, z, z_sign in opt._noise.segments(block, draw.seed, lo, hi):
                             at = block.start + c - first
                             torch.add(original[c - a : d - a], z, alpha=scale * z_sign, out=local[at : at + d - c])
-                loss = closure()
-                losses.append(float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss))
+                outputs.append(closure())
         finally:
             for (block, local, first, a, b), original in zip(parts, originals):
                 local[block.start + a - first : block.start + b - first].copy_(original)
             self._reshard()
-        return losses[0], losses[1]
+        return outputs[0], outputs[1]
 
     def _apply_shards(self, record: StepRecord) -> torch.Tensor:
         """:meth:`ZOOptimizer.apply` on this rank's shards; squared noise norms summed over ranks."""
@@ -251,10 +261,24 @@ class DistributedZO:
 
 
 @torch.no_grad()
-def replay_queries(optimizer: ZOOptimizer, grads: Sequence[float], *, active: torch.Tensor | None = None) -> list[StepInfo]:
-    """Redo one q-query step (q = ``len(grads)``) of one process from its q projected gradients:
-    how a query-parallel run's trajectory is replayed, on any number of processes."""
-    return _commit(optimizer, _draws(optimizer, active, len(grads)), [(math.nan, math.nan)] * len(grads), list(grads))
+def replay_queries(optimizer: ZOOptimizer, grads: Sequence[float], *, active: torch.Tensor | None = None,
+                   curvatures: Sequence[float] | None = None) -> list[StepInfo]:
+    """Redo one q-query step (q = ``len(grads)``) of one process from its q projected gradients
+    (and, for a Newton step, the q curvatures measured): how a query-parallel run's trajectory is
+    replayed, on any number of processes."""
+    return _commit(optimizer, _draws(optimizer, active, len(grads)), _replayed(optimizer, grads, curvatures),
+                   list(grads))
+
+
+def _replayed(optimizer: ZOOptimizer, grads: Sequence[float], curvatures: Sequence[float] | None) -> list[Measured]:
+    """What a replayed step knows of each query: no losses, and the curvature a Newton step needs."""
+    if curvatures is None:
+        if optimizer.newton and any(math.isfinite(g) for g in grads):
+            raise ValueError("a Newton step (newton=True) replays from its projected gradients and their curvatures")
+        curvatures = [None] * len(grads)
+    if len(curvatures) != len(grads):
+        raise ValueError(f"{len(grads)} gradients need {len(grads)} curvatures, got {len(curvatures)}")
+    return [(math.nan, math.nan, c) for c in curvatures]
 
 
 def _draws(optimizer: ZOOptimizer, active: torch.Tensor | None, queries: int) -> list[tuple[Draw, dict[str, Any]]]:
@@ -282,15 +306,15 @@ def _draws(optimizer: ZOOptimizer, active: torch.Tensor | None, queries: int) ->
 def _commit(
     optimizer: ZOOptimizer,
     draws: list[tuple[Draw, dict[str, Any]]],
-    losses: list[tuple[float, float]],
+    measured: list[Measured],
     grads: list[float],
     apply: Callable[[StepRecord], torch.Tensor] | None = None,
 ) -> list[StepInfo]:
     """Apply and learn from the records in query order (a skipped one changes nothing)."""
     infos = []
-    for (draw, left), (plus, minus), grad in zip(draws, losses, grads):
+    for (draw, left), (plus, minus, curvature), grad in zip(draws, measured, grads):
         vars(optimizer).update(left)
-        infos.append(optimizer._commit(draw, plus, minus, grad, apply=apply))
+        infos.append(optimizer._commit(draw, plus, minus, grad, apply=apply, curvature=curvature))
     return infos
 
 

@@ -498,14 +498,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             divisor = divisor * scale
         return None if divisor is pi else tuple(float(x) for x in divisor.tolist())
 
-    def _evaluate(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float]:
-        """L(theta + eps z) and L(theta - eps z) over the sampled blocks; the weights stay as they are."""
-        plus, minus = self._forwards(closure, seed, blocks)
-        return _as_float(plus), _as_float(minus)
-
     def _evaluate_step(self, closure: Closure, seed: int, blocks: list[Block]) -> tuple[float, float, float | None]:
         """L+ and L-, and for a Newton step the Gauss-Newton curvature along z from their logits."""
-        plus, minus = self._forwards(closure, seed, blocks)
+        return self._measure(*self._forwards(closure, seed, blocks))
+
+    def _measure(self, plus: Any, minus: Any) -> tuple[float, float, float | None]:
+        """(L+, L-, curvature or None) from the closure's outputs at theta + eps z and theta - eps z."""
         if not self.newton:
             return _as_float(plus), _as_float(minus), None
         (loss_plus, logits_plus), (loss_minus, logits_minus) = map(_newton.loss_and_logits, (plus, minus))
