@@ -16,10 +16,10 @@ updates in the same order.
   same state, rank r evaluates directions r, r + W, ... on the same batch, the (L+, L-) pairs are
   all-gathered (2 float64 per query, 3 with a Newton step's curvature) and every rank applies all
   q updates in query order, then learns from each (CurvZO's scores and budget see all q records,
-  identically on every rank). One process with ``queries=q`` evaluates all q itself and is the reference a q-rank run equals
-  bit for bit: the q-query step is q ordinary steps whose directions are all drawn, and whose
-  losses are all evaluated, at the weights and statistics of the step's start. With q = 1 it is
-  the ordinary step.
+  identically on every rank). One process with ``queries=q`` evaluates all q itself and is the
+  reference a q-rank run equals bit for bit: the q-query step is q ordinary steps whose
+  directions are all drawn, and whose losses are all evaluated, at the weights and statistics of
+  the step's start. With q = 1 it is the ordinary step.
 * ``shard``: the model's parameters are DTensors sharded on dim 0 by FSDP2's ``fully_shard``,
   and the batch is split as in ``data``. Blocks, sampling and noise are those of the full
   tensors (a block is a range of the full tensor's flattened elements, and the noise of an element
