@@ -10,6 +10,12 @@ measurable cost of the table.
 
     python -m benchmarks.noise_curve run --task sst2 --seed 0     # one run (~30 min, resumable)
     python -m benchmarks.noise_curve report                       # noise_curve.json/.md/.png
+    python -m benchmarks.noise_curve moments --task sst2          # what one step sees (~12 min)
+
+``moments`` looks at one step instead of a run: at the pretrained weights and the run's first
+batch (gradient by backprop), the second moment (over |grad|^2) and the kurtosis of the projected
+gradient g = z . grad over many directions z, drawn from the table and generated i.i.d. N(0, 1).
+Both must be 1 and 3 when E[z z^T] = I and projections are Gaussian; it writes ``moments.json``.
 
 Runs live in ``<out>/runs/<task>/mezo-s<seed>/``; ``report`` copies what it compares into
 ``noise_curve.json``, the committed record (run folders are working state).
@@ -19,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from curvzo.bench.store import read_record
@@ -78,6 +87,57 @@ def run(task: str, seed: int, out: Path = OUT, data_dir: str | None = None) -> d
     return curvzo.train(cfg, resume=folder.exists() and any(folder.iterdir()))
 
 
+def projected_moments(params: list[torch.nn.Parameter], samples: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Second moment over |grad|^2 (with its standard error) and kurtosis of g = z . grad over
+    ``samples`` directions, for the engine's table noise (MeZO's blocks and step seeds) and for
+    generated i.i.d. N(0, 1) noise, at the gradients ``params`` hold."""
+    from curvzo.optim import FallbackWarning, MeZO
+
+    with warnings.catch_warnings():  # only the blocks and their noise are used: no step runs
+        warnings.simplefilter("ignore", FallbackWarning)
+        optimizer = MeZO(params, lr=0.0, seed=seed)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    energy = float(flat.double().square().sum())
+    seeds = torch.randint(0, 2**63 - 1, (samples,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def table(step_seed: int) -> float:
+        total = 0.0
+        for block in optimizer.blocks:
+            grad = block.param.grad.view(-1)[block.start : block.end]
+            for a, b, z, sign in optimizer._noise.segments(block, step_seed, 0, block.numel):
+                total += sign * float(torch.dot(z, grad[a:b]))
+        return total
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def generated(_: int) -> float:
+        return float(torch.dot(torch.randn(flat.numel(), generator=generator), flat))
+
+    out = {}
+    for name, draw in (("table", table), ("generated", generated)):
+        ratio = torch.tensor([draw(s) ** 2 / energy for s in seeds], dtype=torch.float64)
+        mean = float(ratio.mean())
+        out[name] = {"second_moment": mean, "standard_error": float(ratio.std()) / math.sqrt(samples),
+                     "kurtosis": float(ratio.square().mean()) / mean**2, "samples": samples}
+    return out
+
+
+def moments(task: str, samples: int, out: Path = OUT, data_dir: str | None = None) -> dict[str, Any]:
+    """:func:`projected_moments` at the pretrained weights and the first batch of ``task``'s long run
+    (seed 0), merged into ``<out>/moments.json``."""
+    from curvzo import finetune, scoring
+
+    cfg = config(task, 0, out, data_dir)
+    _, (train_set, _, _), model, tokenizer, named = finetune.setup(cfg)
+    batch = scoring.encode(tokenizer, finetune.train_batch(train_set, 0, cfg), max_length=cfg.max_length)
+    scoring.classification_loss(model, batch).backward()
+    path = out / "moments.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc[task] = projected_moments([p for _, p in named], samples)
+    C.write_json(path, doc)
+    return doc[task]
+
+
 def _curve(results: dict[str, Any]) -> list[tuple[int, float]]:
     """(step, dev) of a run's evaluations, from step 0 (its zero-shot accuracy)."""
     return [(0, results["zero_shot"]), *((e["step"], e["dev"]) for e in results["evals"])]
@@ -100,16 +160,17 @@ def report(out: Path = OUT) -> dict[str, Any]:
                 "generated_test_seeds": tests, "generated_test_spread": max(tests) - min(tests),
                 "table_curve": _curve(table), "generated_curve": _curve(generated[seed]),
             })
-    doc = {"environment": C.environment(), "runs": rows}
+    step = json.loads((out / "moments.json").read_text()) if (out / "moments.json").exists() else {}
+    doc = {"environment": C.environment(), "runs": rows, "moments": step}
     C.write_json(out / "noise_curve.json", doc)
-    (out / "noise_curve.md").write_text(_markdown(rows))
+    (out / "noise_curve.md").write_text(_markdown(rows, step))
     if rows:
         _figure(rows, out / "noise_curve.png")
-    print(_markdown(rows))
+    print(_markdown(rows, step))
     return doc
 
 
-def _markdown(rows: list[dict[str, Any]]) -> str:
+def _markdown(rows: list[dict[str, Any]], step: dict[str, Any]) -> str:
     table = C.format_table(
         ["task", "seed", "lr", "test table", "test generated", "gap (pts)", "generated seeds: mean, min-max",
          "best dev table", "best dev generated"],
@@ -123,7 +184,21 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             "*generated*: the `long` profile's run of the same config and seed (noise version 2), and the "
             "test accuracy of its three seeds at that lr (a different noise draws different directions, "
             "so a table run is one more draw of that spread, not a replica of its seed).\n\n"
-            f"```\n{table}\n```\n\n![dev curves](noise_curve.png)\n")
+            f"```\n{table}\n```\n\n![dev curves](noise_curve.png)\n" + _moments_markdown(step))
+
+
+def _moments_markdown(step: dict[str, Any]) -> str:
+    """The ``moments`` measurements, if any: what one step sees of each noise."""
+    if not step:
+        return ""
+    table = C.format_table(
+        ["task", "noise", "E[g^2] / |grad|^2", "standard error", "kurtosis", "directions"],
+        [[task, name, m["second_moment"], m["standard_error"], m["kurtosis"], m["samples"]]
+         for task, by_noise in step.items() for name, m in by_noise.items()], floatfmt=".3f")
+    return ("\nOne step (`python -m benchmarks.noise_curve moments --task T`): the projected gradient "
+            "g = z . grad at the pretrained weights and the run's first batch, over many directions; "
+            "N(0, I) noise gives 1 and 3.\n\n"
+            f"```\n{table}\n```\n")
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -154,10 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--out", type=Path, default=OUT)
     summary = sub.add_parser("report", help="compare the finished runs with the long profile's")
     summary.add_argument("--out", type=Path, default=OUT)
+    step = sub.add_parser("moments", help="the projected gradient's moments, table against generated noise")
+    step.add_argument("--task", choices=TASKS, required=True)
+    step.add_argument("--samples", type=int, default=400)
+    step.add_argument("--data-dir", default=None, help="default: the long run's")
+    step.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.command == "run":
         result = run(args.task, args.seed, args.out, args.data_dir)
         print(f"{args.task} seed {args.seed}: test {result['test']}", file=sys.stderr)
+        return 0
+    if args.command == "moments":
+        if args.samples < 2:
+            print(f"--samples must be at least 2, got {args.samples}", file=sys.stderr)
+            return 2
+        for name, m in moments(args.task, args.samples, args.out, args.data_dir).items():
+            print(f"{args.task} {name}: E[g^2]/|grad|^2 {m['second_moment']:.3f} +- {m['standard_error']:.3f}, "
+                  f"kurtosis {m['kurtosis']:.2f} ({m['samples']} directions)")
         return 0
     report(args.out)
     return 0

@@ -29,3 +29,19 @@ def test_the_report_compares_a_finished_run_with_the_long_run_of_its_seed(tmp_pa
     assert row["table_test"] == row["generated_test"] and row["table_curve"] == row["generated_curve"]
     assert row["generated_test"] in row["generated_test_seeds"] and len(row["generated_curve"]) == 9
     assert (tmp_path / "noise_curve.png").stat().st_size > 0
+
+
+def test_table_noise_projects_a_gradient_as_generated_gaussian_noise_does():
+    """E[(z . grad)^2] = |grad|^2 and a Gaussian kurtosis for both noises, on a gradient with the
+    shape of a language model's: a few rows of a large matrix carry most of it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(300, 1000)), torch.nn.Parameter(torch.zeros(5000))]
+    params[0].grad = torch.zeros(300, 1000)
+    params[0].grad[[7, 211]] = torch.randn(2, 1000, generator=gen) * 10
+    params[0].grad += torch.randn(300, 1000, generator=gen) * 0.05
+    params[1].grad = torch.randn(5000, generator=gen)
+    measured = noise_curve.projected_moments(params, samples=2000)
+    for m in measured.values():  # standard errors: ~0.03 on the second moment, ~0.4 on the kurtosis
+        assert abs(m["second_moment"] - 1.0) < 4 * m["standard_error"] and 2.0 < m["kurtosis"] < 4.5
