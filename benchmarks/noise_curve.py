@@ -89,18 +89,14 @@ def run(task: str, seed: int, out: Path = OUT, data_dir: str | None = None) -> d
 
 def projected_moments(params: list[torch.nn.Parameter], samples: int, seed: int = 0) -> dict[str, dict[str, float]]:
     """Second moment over |grad|^2 (with its standard error) and kurtosis of g = z . grad over
-    ``samples`` directions, for the engine's table noise (MeZO's blocks and step seeds) and for
-    generated i.i.d. N(0, 1) noise, at the gradients ``params`` hold."""
+    ``samples`` step seeds, for the engine's table noise (``noise="gaussian"``) and its generated
+    Gaussian noise (``noise="generated"``), on MeZO's blocks, at the gradients ``params`` hold."""
     from curvzo.optim import FallbackWarning, MeZO
 
-    with warnings.catch_warnings():  # only the blocks and their noise are used: no step runs
-        warnings.simplefilter("ignore", FallbackWarning)
-        optimizer = MeZO(params, lr=0.0, seed=seed)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    energy = float(flat.double().square().sum())
+    energy = float(sum(p.grad.double().square().sum() for p in params))
     seeds = torch.randint(0, 2**63 - 1, (samples,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    def table(step_seed: int) -> float:
+    def projection(optimizer: MeZO, step_seed: int) -> float:
         total = 0.0
         for block in optimizer.blocks:
             grad = block.param.grad.view(-1)[block.start : block.end]
@@ -108,14 +104,12 @@ def projected_moments(params: list[torch.nn.Parameter], samples: int, seed: int 
                 total += sign * float(torch.dot(z, grad[a:b]))
         return total
 
-    generator = torch.Generator().manual_seed(seed)
-
-    def generated(_: int) -> float:
-        return float(torch.dot(torch.randn(flat.numel(), generator=generator), flat))
-
     out = {}
-    for name, draw in (("table", table), ("generated", generated)):
-        ratio = torch.tensor([draw(s) ** 2 / energy for s in seeds], dtype=torch.float64)
+    for name, noise in (("table", "gaussian"), ("generated", "generated")):
+        with warnings.catch_warnings():  # only the blocks and their noise are used: no step runs
+            warnings.simplefilter("ignore", FallbackWarning)
+            optimizer = MeZO(params, lr=0.0, seed=seed, noise=noise)
+        ratio = torch.tensor([projection(optimizer, s) ** 2 / energy for s in seeds], dtype=torch.float64)
         mean = float(ratio.mean())
         out[name] = {"second_moment": mean, "standard_error": float(ratio.std()) / math.sqrt(samples),
                      "kurtosis": float(ratio.square().mean()) / mean**2, "samples": samples}

@@ -195,7 +195,7 @@ def _z(opt, block, seed, lo, hi):
     return opt._noise.fill(block, seed, lo, hi, torch.empty(hi - lo)).clone()
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("noise", ["gaussian", "generated", "rademacher"])
 def test_noise_is_a_pure_function_of_seed_block_and_element(noise):
     """Any range of a block, in any chunking and on any number of threads, holds the same z."""
     big = torch.nn.Parameter(torch.zeros(5 * 16384 + 7))  # units of 16,384 on CPU: six, the last cut short

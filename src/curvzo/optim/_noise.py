@@ -16,10 +16,11 @@ elements of different windows uncorrelated: E[z z^T] = I, as for i.i.d. Gaussian
 two-point estimator keeps its expectation. (A table of i.i.d. values instead would make E[z z^T]
 a random circulant whose spectrum is the table's periodogram, exponentially spread.)
 
-Rademacher noise is drawn from generators: its elements are cut into *units* of
+Generated noise is drawn from generators: Gaussian (``"generated"``, i.i.d. N(0, 1), the reference
+the table is measured against) or Rademacher (random signs). Its elements are cut into *units* of
 ``unit_elements(block)``, each drawn from the device's generator seeded with a hash of (step seed,
-block id, unit), eight signs per random byte. Stochastic-rounding bits come by units in the same
-way from a separate stream. For a block of whole matrix rows a unit is a whole number of rows and
+block id, unit): ``normal_`` values, or eight signs per random byte. Stochastic-rounding bits come
+by units in the same way from a separate stream. For a block of whole matrix rows a unit is a whole number of rows and
 a window a whole number of units.
 
 Either way any range of any block can be produced alone, in any chunking and order, on any number
@@ -163,6 +164,11 @@ def _draw_signs(out: torch.Tensor, gen: torch.Generator) -> None:
         out.copy_(signs[packed.long()].view(-1)[:n])
 
 
+def _draw_normal(out: torch.Tensor, gen: torch.Generator) -> None:
+    """Fill ``out`` with i.i.d. N(0, 1) values from ``gen``."""
+    out.normal_(generator=gen)
+
+
 class NoiseSource:
     """Block noise by segments. Counts the noise elements read (``draws``: the passes over the
     sampled elements) and the random numbers generated for them (``generated``: 0 for table
@@ -186,11 +192,11 @@ class NoiseSource:
         """z of the block's elements ``[lo, hi)`` as (a, b, values, sign) with z[a:b] = sign * values.
 
         Gaussian: one segment per table window crossed, ``values`` a view of the table (valid as
-        long as the table: callers fold ``sign`` into the scale of their fused add). Rademacher:
-        one segment, drawn into the reusable buffer (valid until the next draw).
+        long as the table: callers fold ``sign`` into the scale of their fused add). Generated and
+        Rademacher: one segment, drawn into the reusable buffer (valid until the next draw).
         """
         self.draws += hi - lo
-        if self.noise == "rademacher":
+        if self.noise != "gaussian":
             yield lo, hi, self._draw_units(block, step_seed, lo, hi, self.buffer(hi - lo, block.param.device)), 1.0
             return
         table = noise_table(block.param.device)
@@ -216,8 +222,8 @@ class NoiseSource:
         row = block.row_length
         self.draws += rows.numel() * row
         device = block.param.device
-        if self.noise == "rademacher":
-            return self._rademacher_rows(block, step_seed, rows)
+        if self.noise != "gaussian":
+            return self._generated_rows(block, step_seed, rows)
         size = window_elements(block)
         starts = rows * row - block.start  # block-relative first element of each row
         windows = torch.div(starts, size, rounding_mode="floor")
@@ -228,8 +234,8 @@ class NoiseSource:
         index = (offsets[inverse] + starts - windows * size).unsqueeze(1) + torch.arange(row, device=device)
         return noise_table(device)[index] * signs[inverse].unsqueeze(1)
 
-    def _rademacher_rows(self, block: Block, step_seed: int, rows: torch.Tensor) -> torch.Tensor:
-        """Rademacher rows: each generator unit holding one of ``rows`` is drawn whole (units are whole rows)."""
+    def _generated_rows(self, block: Block, step_seed: int, rows: torch.Tensor) -> torch.Tensor:
+        """Generated rows: each generator unit holding one of ``rows`` is drawn whole (units are whole rows)."""
         row, unit = block.row_length, unit_elements(block) // block.row_length
         first = block.start // row
         out = torch.empty(rows.numel(), row, dtype=torch.float32, device=block.param.device)
@@ -243,7 +249,8 @@ class NoiseSource:
         return out
 
     def _draw_units(self, block: Block, step_seed: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-        """Random signs of ``[lo, hi)``, unit by unit, the units spread over threads on CPU."""
+        """Generated z of ``[lo, hi)``, unit by unit, the units spread over threads on CPU."""
+        draw = _draw_signs if self.noise == "rademacher" else _draw_normal
         size = unit_elements(block)
         units = range(lo // size, (hi - 1) // size + 1)
         self.generated += min(units.stop * size, block.numel) - units.start * size
@@ -253,10 +260,10 @@ class NoiseSource:
                 start, end = u * size, min((u + 1) * size, block.numel)
                 gen = _WORKER.generator(out.device, unit_seed(step_seed, block.index, u))
                 if lo <= start and end <= hi:
-                    _draw_signs(out[start - lo : end - lo], gen)
+                    draw(out[start - lo : end - lo], gen)
                 else:  # a unit cut by the range: draw it whole, keep the overlap
                     whole = torch.empty(end - start, dtype=torch.float32, device=out.device)
-                    _draw_signs(whole, gen)
+                    draw(whole, gen)
                     a, b = max(lo, start), min(hi, end)
                     out[a - lo : b - lo] = whole[a - start : b - start]
 

@@ -12,7 +12,7 @@ __all__ = ["Rounding", "ROUNDINGS", "Noise", "NOISES", "PRESETS"]
 Rounding = Literal["nearest", "stochastic", "master"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
-Noise = Literal["gaussian", "rademacher"]
+Noise = Literal["gaussian", "generated", "rademacher"]
 NOISES: tuple[str, ...] = get_args(Noise)
 
 #: Named configurations: (optimizer class name, options). "curvzo-ref" is the reference port's

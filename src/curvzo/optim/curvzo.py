@@ -78,7 +78,7 @@ class CurvZO(ZOOptimizer):
         model (nn.Module, optional): the module the closure runs; with it perturbations are
             streamed module by module, at inference memory (default: None, see ZOOptimizer).
         max_chunk (int): largest piece perturbed, drawn or updated at once (default: 1,048,576).
-        noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
+        noise (str): ``"gaussian"``, ``"generated"`` or ``"rademacher"`` (default: gaussian; see ZOOptimizer).
         correction (str): what the update divides g z_b by: ``"ht"`` pi_b (Horvitz-Thompson,
             unbiased; default) or ``"subspace"`` the expected fraction of the active elements
             perturbed, the same for every sampled block (block-coordinate ZO: a biased step

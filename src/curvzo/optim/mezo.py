@@ -36,7 +36,7 @@ class MeZO(ZOOptimizer):
         model (nn.Module, optional): the module the closure runs; with it perturbations are
             streamed module by module, at inference memory (default: None, see ZOOptimizer).
         max_chunk (int): largest piece perturbed, drawn or updated at once (default: 1,048,576).
-        noise (str): ``"gaussian"`` or ``"rademacher"`` (default: gaussian).
+        noise (str): ``"gaussian"``, ``"generated"`` or ``"rademacher"`` (default: gaussian; see ZOOptimizer).
         normalize (bool): divide g by a running scale of |g| (see ZOOptimizer; default: False).
         newton (bool): the directional Newton step; the closure returns ``(loss, logits)`` and
             ``lr`` is the fraction of the step taken, about 0.1 (see ZOOptimizer; default: False).

@@ -211,7 +211,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_chunk (int): the largest number of elements perturbed, drawn or updated in one piece
             (rounded up to a whole noise unit); embeddings and output layers larger than this are
             perturbed by rows or by chunks of rows. Default: 1,048,576 (4 MB of fp32).
-        noise (str): ``"gaussian"`` (default) or ``"rademacher"`` (random signs).
+        noise (str): ``"gaussian"`` (default: read from a fixed table, see ``curvzo.optim._noise``),
+            ``"generated"`` (Gaussian drawn from per-unit generators: the table's reference, and
+            slower) or ``"rademacher"`` (random signs, drawn likewise).
         normalize (bool): divide the projected gradient by a running scale of |g| (an average
             over recent steps, this one included, so the multiplier is at most 10 in size): the
             step length then stops following the heavy tail of |g|, and ``lr`` is in units of
