@@ -58,6 +58,7 @@ GRID = tuple(1.25e-5 * 2**i for i in range(12))  # 1.25e-5 .. 2.56e-2 (normalise
 #: 1e-4, 2e-4 stable, 4e-4 not). Starting at the edge costs two runs per search instead of four.
 START_LR = 2e-4
 LIMIT = 1.5  # the running loss may never exceed LIMIT x the start
+TASKS = ("sst2", "mr")  # the default tasks, in table order
 SMOOTHING = 0.9
 TAIL = 20  # steps averaged for the loss figure
 
@@ -340,8 +341,9 @@ def aggregate(out: Path, tasks: Sequence[str], names: Sequence[str], steps: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="sst2,mr")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, in run order")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--variants", default=",".join(n for n, v in VARIANTS.items() if not v.retired),
+                        help="comma-separated, in run order")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="batches and directions; seed N > 0 runs in <out>/seed<N>")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "stability")
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variant(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
     retired = [n for n in names if VARIANTS[n].retired]
-    if retired and args.variants != parser.get_default("variants") and not args.aggregate_only:
+    if retired and not args.aggregate_only:
         print(f"retired variant(s): {', '.join(retired)} (rejected, their options left the engine; their records "
               "stay: use --aggregate-only)", file=sys.stderr)
         return 2
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{start['steps']} or another --out", file=sys.stderr)
                 return 2
             base[t] = start["pretrained_losses"]
-        for name in (n for n in names if not VARIANTS[n].retired):
+        for name in names:
             for t, task in loaded.items():
                 search(task, name, base[t], run_out, args.data_dir)
                 _write(args.out, tasks, args.steps)
@@ -390,8 +392,9 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 
 def _write(out: Path, tasks: Sequence[str], steps: int) -> str:
-    """The tables of every variant with finished runs, whichever ran this time."""
+    """The tables of every variant and task with finished runs, whichever ran this time."""
     names = list(VARIANTS)
+    tasks = list(dict.fromkeys([*TASKS, *tasks]))  # a task aggregates only where its runs are
     result = aggregate(out, tasks, names, steps)
     seeds = sorted(int(p.name[4:]) for p in out.glob("seed*") if p.name[4:].isdigit())
     result["other_seeds"] = {seed: aggregate(seed_dir(out, seed), tasks, names, steps)["tasks"] for seed in seeds}

@@ -659,8 +659,8 @@ def _replay_records(
         if len(item) == 1:
             optimizer.replay(item[0].grad, active=item[0].active, curvature=item[0].curvature)
         else:
-            curvatures = [r.curvature for r in item] if getattr(optimizer, "newton", False) else None
-            replay_queries(optimizer, [r.grad for r in item], active=item[0].active, curvatures=curvatures)
+            replay_queries(optimizer, [r.grad for r in item], active=item[0].active,
+                           curvatures=[r.curvature for r in item])
         done += 1
         on_step(1)
     return done

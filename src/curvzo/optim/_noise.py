@@ -20,8 +20,8 @@ Generated noise is drawn from generators: Gaussian (``"generated"``, i.i.d. N(0,
 the table is measured against) or Rademacher (random signs). Its elements are cut into *units* of
 ``unit_elements(block)``, each drawn from the device's generator seeded with a hash of (step seed,
 block id, unit): ``normal_`` values, or eight signs per random byte. Stochastic-rounding bits come
-by units in the same way from a separate stream. For a block of whole matrix rows a unit is a whole number of rows and
-a window a whole number of units.
+by units in the same way from a separate stream. For a block of whole matrix rows a unit is a
+whole number of rows and a window a whole number of units.
 
 Either way any range of any block can be produced alone, in any chunking and order, on any number
 of threads or processes, and it holds the same values: a perturbed module, a few embedding rows
