@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import yaml
 
 from benchmarks import noise_curve
@@ -23,12 +26,23 @@ def test_the_report_compares_a_finished_run_with_the_long_run_of_its_seed(tmp_pa
     folder = tmp_path / "runs" / "mr" / "mezo-s1"
     folder.mkdir(parents=True)
     (folder / "results.json").write_bytes(long)
+    (folder / "log.jsonl").write_bytes(noise_curve.long_record("mr", 1, "log.jsonl"))
     doc = noise_curve.report(tmp_path)
     (row,) = doc["runs"]
     assert (row["task"], row["seed"]) == ("mr", 1)
     assert row["table_test"] == row["generated_test"] and row["table_curve"] == row["generated_curve"]
+    assert row["table_late_loss"] == row["generated_late_loss"] and 0.3 < row["table_late_loss"] < 1.0
+    for gap in doc["summary"].values():
+        assert (gap["mean"], gap["n"]) == (0.0, 1) and math.isnan(gap["standard_error"])
     assert row["generated_test"] in row["generated_test_seeds"] and len(row["generated_curve"]) == 9
     assert (tmp_path / "noise_curve.png").stat().st_size > 0
+
+
+def test_the_late_loss_is_the_mean_over_the_second_half_of_the_steps_that_ran():
+    log = "\n".join(json.dumps({"step": s, "loss": float(s)}) for s in range(1, 8))
+    assert noise_curve.late_loss(log, steps=10) == 6.5  # steps 6 and 7 of 10: a run stopped early
+    assert noise_curve.late_loss(log, steps=7) == 5.5
+    assert math.isnan(noise_curve.late_loss(log, steps=20))
 
 
 def test_table_noise_projects_a_gradient_as_generated_gaussian_noise_does():
