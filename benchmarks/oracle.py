@@ -61,7 +61,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,8 +128,17 @@ def by_group(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]
 
 
 # ------------------------------------------------------------------------------------ the measurement
-def _sq_norms(grads: Sequence[torch.Tensor]) -> list[float]:
-    return [float(g.double().pow(2).sum()) for g in grads]
+#: The squared norms of the parts of tensor ``b``'s gradient that a measurement reports, given
+#: (b, gradient): the oracle's parts are whole tensors; other benchmarks split them (by a mask).
+Parts = Callable[[int, torch.Tensor], list[float]]
+
+
+def whole(_: int, g: torch.Tensor) -> list[float]:
+    return [float(g.double().pow(2).sum())]
+
+
+def _sq_norms(grads: Sequence[torch.Tensor], parts: Parts = whole) -> list[float]:
+    return [v for b, g in enumerate(grads) for v in parts(b, g)]
 
 
 def _sqrt_fisher(p: torch.Tensor) -> torch.Tensor:
@@ -156,7 +165,7 @@ def _part_grads(model: torch.nn.Module, params: Sequence[torch.Tensor], batches:
 
 
 def _trace_samples(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: Any, samples: int,
-                   gen: torch.Generator) -> list[list[float]]:
+                   gen: torch.Generator, parts: Parts) -> list[list[float]]:
     with torch.enable_grad():
         logits = scoring.classification_logits(model, batch)
         n = logits.shape[0]
@@ -166,13 +175,14 @@ def _trace_samples(model: torch.nn.Module, params: Sequence[torch.Tensor], batch
             xi = torch.randint(0, 2, logits.shape, generator=gen).float() * 2.0 - 1.0
             probe = (torch.einsum("icd,id->ic", roots, xi) * logits).sum() / n
             grads = torch.autograd.grad(probe, params, retain_graph=s < samples - 1)
-            traces.append([n * v for v in _sq_norms(grads)])
+            traces.append([n * v for v in _sq_norms(grads, parts)])
     return traces
 
 
 def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Any], samples: int,
-            gen: torch.Generator) -> dict[str, list]:
-    """Per-tensor ``energy``, ``signal`` and ``trace`` samples (see the module docstring).
+            gen: torch.Generator, parts: Parts = whole) -> dict[str, list]:
+    """Per-tensor ``energy``, ``signal`` and ``trace`` samples (see the module docstring), or per
+    part of each tensor, in the order ``parts`` gives them.
 
     ``batches[0]`` is the batch the next step trains on; the trace is probed there. The signal is
     the all-pairs estimate of ||E g||^2 from the parts' gradients g_i with weights w_i (their
@@ -184,20 +194,20 @@ def measure(model: torch.nn.Module, params: Sequence[torch.Tensor], batches: Seq
     sizes, norms = [], []  # per part: its examples, its tensors' ||g_i||^2
     for size, grads in _part_grads(model, params, batches):
         sizes.append(size)
-        norms.append(_sq_norms(grads))
+        norms.append(_sq_norms(grads, parts))
         scaled = [size * g.double() for g in grads]
         total = scaled if not total else [t.add_(x) for t, x in zip(total, scaled)]
     n = sum(sizes)
     pairs = n * n - sum(k * k for k in sizes)
-    sum_sq = [float(t.pow(2).sum()) for t in total]
-    weight_sq = [sum(k * k * part[b] for k, part in zip(sizes, norms)) for b in range(len(params))]
+    sum_sq = _sq_norms(total, parts)
+    weight_sq = [sum(k * k * part[b] for k, part in zip(sizes, norms)) for b in range(len(sum_sq))]
     signal = [(t - w) / pairs for t, w in zip(sum_sq, weight_sq)]
     if len(batches) == 1:
         energy = [t / n**2 for t in sum_sq]
     else:
-        energy = [sum(part[b] for part in norms) / len(norms) for b in range(len(params))]
+        energy = [sum(part[b] for part in norms) / len(norms) for b in range(len(sum_sq))]
     return {"energy": energy, "signal": signal,
-            "trace_samples": _trace_samples(model, params, batches[0], samples, gen)}
+            "trace_samples": _trace_samples(model, params, batches[0], samples, gen, parts)}
 
 
 def group_stats(m: dict[str, list], groups: Sequence[str]) -> dict[str, dict[str, float]]:
