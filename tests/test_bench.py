@@ -11,7 +11,7 @@ import yaml
 
 from curvzo.bench import forward_to_reach, format_lr, load_grid, parse_only, plan, run_bench, run_folder_name, summarize
 from curvzo.bench.runs import training_run
-from curvzo.bench.report import step_seconds
+from curvzo.bench.report import default_lrs, step_seconds
 from curvzo.cli import main
 from curvzo.errors import ConfigError
 
@@ -220,7 +220,28 @@ def test_summary_arithmetic():
     assert s["per_task"]["sst2"]["outcome"] == "won" and s["tasks_lost"] == 0
     assert s["methods"]["adamw"]["tasks_total"] == 1 and s["methods"]["adamw"]["minus_baseline_mean"] == pytest.approx(28.0)
     assert s["targets_met"] == {"minus_baseline_points": False, "tasks_won_fraction": False, "forward_ratio": False,
-                                "wall_ratio": False}
+                                "wall_ratio": False, "default_lr_gap_points": False}
+    assert s["default_lr"] == {"lr": None, "per_task": {}, "max_gap_points": None}
+
+
+def test_the_default_lr_is_judged_against_the_dev_selected_lr_on_the_selection_seeds(tmp_path):
+    curve = [(0, 0.5), (100, 0.6)]
+    records = [rec(t, "mezo", 1e-5, 0, 0.6, 0.6, curve) for t in ("sst2", "rte")]
+    records += [rec("sst2", "mezo-newton", lr, 0, dev, test, curve) for lr, dev, test in
+                ((0.05, 0.70, 0.66), (0.1, 0.68, 0.655), (0.2, 0.60, 0.70))]  # 0.05 selected: 0.5 points above 0.1
+    records += [rec("rte", "mezo-newton", lr, 0, dev, test, curve) for lr, dev, test in ((0.1, 0.7, 0.60), (0.2, 0.8, 0.64))]
+    s = summarize(records, [], tasks=["sst2", "rte"], method="mezo-newton", zo_labels=["mezo", "mezo-newton"],
+                  default_lrs={"mezo-newton": 0.1})["summary"]
+    assert s["default_lr"]["per_task"] == {"sst2": {"selected_lr": 0.05, "gap_points": pytest.approx(0.5)},
+                                           "rte": {"selected_lr": 0.2, "gap_points": pytest.approx(4.0)}}
+    assert s["default_lr"]["max_gap_points"] == pytest.approx(4.0) and not s["targets_met"]["default_lr_gap_points"]
+    near = summarize([r for r in records if r["task"] == "sst2"], [], tasks=["sst2"], method="mezo-newton",
+                     zo_labels=["mezo", "mezo-newton"], default_lrs={"mezo-newton": 0.1})["summary"]
+    assert near["targets_met"]["default_lr_gap_points"]
+    grid = load_grid(write_grid(tmp_path, methods={
+        "mezo": {"lr": {"full": [1e-5]}},
+        "mezo-newton": {"method": "mezo", "lr": {"full": [0.05, 0.1]}, "set": {"optimizer_options": {"newton": True}}}}))
+    assert default_lrs(grid) == {"mezo": 5e-5, "mezo-newton": 0.1}
 
 
 def test_a_lora_column_is_compared_with_the_baselines_method_in_lora():

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from .store import RECORDS
 
 __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
 
-#: The project's targets for CurvZO against MeZO: points gained, share of tasks won, and forward
-#: passes to reach MeZO's final dev accuracy (reported next to the measured numbers).
-TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4, "wall_ratio": 0.3}
+#: The project's targets for CurvZO against MeZO: points gained, share of tasks won, forward passes
+#: and wall-clock to reach MeZO's final dev accuracy, and the test points the method's default lr
+#: may give up against its dev-selected lr on any task (reported next to the measured numbers).
+TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_ratio": 0.4, "wall_ratio": 0.3,
+           "default_lr_gap_points": 1.0}
 
 #: The ``benchmarks.step_cost`` measurement that times a harness run of each ZO method (the
 #: ``curvzo`` preset runs with embedding rows as blocks, restricted to the batch's rows); others
@@ -95,6 +98,7 @@ def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
         "test_std": _sample_std(tests), "seeds": sorted(by_lr[best]),
         "tests": tests, "forward_passes": curve[-1][0] if curve else None, "curve": [list(p) for p in curve],
         "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr],
+                           "test_mean": statistics.fmean(by_lr[lr][s]["test"] for s in on[lr]),
                            "diverged_at": [by_lr[lr][s]["steps"] for s in on[lr] if by_lr[lr][s].get("diverged")]}
                           for lr in sorted(by_lr)],
     }
@@ -111,6 +115,7 @@ def summarize(
     zo_labels: Iterable[str] | None = None,
     unfinished_sweeps: Iterable[tuple[str, str, str]] = (),
     step_seconds: dict[str, float] | None = None,
+    default_lrs: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-task rows and the summary, from finished runs.
 
@@ -122,6 +127,8 @@ def summarize(
     ``step_seconds``: a step's time per label on a quiet machine; the wall-clock ratio to reach the
     baseline's final dev accuracy is the forward ratio times the two labels' step-time ratio
     (logged step times of runs that shared a machine do not time honestly).
+    ``default_lrs``: the lr each label runs at when none is given; where ``method``'s is in its
+    sweep, its test on the selection seeds is set against the dev-selected lr's.
     """
     zo = set(zo_labels) if zo_labels is not None else {r["label"] for r in records if r["results"]["method"] in ZO_METHODS}
     unfinished = set(unfinished_sweeps)
@@ -172,6 +179,7 @@ def summarize(
         "forward_ratio_reached": head["forward_ratio_reached"], "forward_ratio_tasks": head["forward_ratio_tasks"],
         "wall_ratio_to_mezo_final": head["wall_ratio_median"], "step_time_ratio": head["step_time_ratio"],
         "per_task": head["per_task"],
+        "default_lr": _default_lr(rows, method, mode, (default_lrs or {}).get(method)),
         "methods": per_method, "targets": TARGETS,
         "targets_met": {
             "minus_baseline_points": diff is not None and diff >= TARGETS["minus_baseline_points"],
@@ -180,7 +188,26 @@ def summarize(
             "wall_ratio": head["wall_ratio_median"] is not None and head["wall_ratio_median"] <= TARGETS["wall_ratio"],
         },
     }
+    default = summary["default_lr"]
+    summary["targets_met"]["default_lr_gap_points"] = (
+        default["max_gap_points"] is not None and len(default["per_task"]) == len(rows)
+        and default["max_gap_points"] <= TARGETS["default_lr_gap_points"])
     return {"summary": summary, "tasks": rows}
+
+
+def _default_lr(rows: list[dict[str, Any]], label: str, mode: str, lr: float | None) -> dict[str, Any]:
+    """Per task where ``label``'s sweep is finished and holds its default ``lr``: the dev-selected lr
+    and the test points the default gives up against it, both on the selection seeds."""
+    per_task = {}
+    for row in rows:
+        cell = row["methods"].get(label, {}).get(mode)
+        if lr is None or not _comparable(cell):
+            continue
+        test = {c["lr"]: c["test_mean"] for c in cell["lr_candidates"]}
+        if lr in test:
+            per_task[row["task"]] = {"selected_lr": cell["lr"], "gap_points": 100 * (test[cell["lr"]] - test[lr])}
+    gaps = [v["gap_points"] for v in per_task.values()]
+    return {"lr": lr, "per_task": per_task, "max_gap_points": max(gaps) if gaps else None}
 
 
 def _counterpart(records: list[dict[str, Any]], label: str, baseline: str, mode: str) -> tuple[str, str]:
@@ -307,6 +334,16 @@ def step_seconds(grid: Grid) -> dict[str, float] | None:
     return seconds
 
 
+def default_lrs(grid: Grid) -> dict[str, float]:
+    """The full-parameter lr each ZO label's runs would use without one (its method's default)."""
+    out = {}
+    for spec in grid.methods:
+        if spec.is_zo and "full" in spec.modes and spec.lr.get("full"):
+            run = training_run(grid, spec.tasks[0], spec, "full", spec.lr["full"][0], grid.seeds[0])
+            out[spec.label] = replace(run.config, lr=None).resolved_lr()
+    return out
+
+
 def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[Path], dict[str, Any]]:
     """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
     # A seed run at an lr that is no longer its cell's selection (the lr grid grew after it ran)
@@ -334,7 +371,7 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
                      zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished,
-                     step_seconds=step_seconds(grid))
+                     step_seconds=step_seconds(grid), default_lrs=default_lrs(grid))
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
                            runs_diverged=sum(u["diverged"] for u in used if u["in_plan"]),
                            runs_off_selection=len(used) - len(records))
@@ -470,6 +507,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
            f"the step-time ratio {_fmt(s['step_time_ratio'], '.2f')} measured side by side on a quiet machine by "
            f"`benchmarks.step_cost` ({grid.step_cost}), not the runs' logged times (they shared the machine)."
            if s["step_time_ratio"] is not None else "n/a (no quiet-machine step times for this profile: `step_cost`)."),
+        _default_lr_text(s),
     ]
     for label, v in s["methods"].items():
         if label == s["method"]:
@@ -484,6 +522,17 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     if doc["figures"]:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in doc["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _default_lr_text(s: dict[str, Any]) -> str:
+    d = s["default_lr"]
+    head = f"- **Default lr against the dev-selected one**, {s['method']}"
+    if d["lr"] is None or not d["per_task"]:
+        return head + ": n/a (its default lr is not in a finished sweep)."
+    per_task = ", ".join(f"{t} {_fmt(round(v['gap_points'], 2) + 0.0)} (selected {format_lr(v['selected_lr'])})"
+                         for t, v in d["per_task"].items())
+    return (head + f" at lr {format_lr(d['lr'])}: test points the default gives up on the selection seeds, per task: "
+            f"{per_task}; largest {_fmt(d['max_gap_points'])} (target ≤ {TARGETS['default_lr_gap_points']:g} on every task).")
 
 
 def _sweep_table(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
