@@ -146,6 +146,34 @@ def test_select_seeds_runs_every_lr_on_seed_0_then_the_dev_selected_lr(tmp_path)
     assert [(r.lr, r.seed) for r in runs[3:]] == [(1e-4, 1), (1e-4, 2)] and waiting == 0
 
 
+def test_a_fixed_lr_runs_the_other_seeds_and_is_reported_whatever_the_dev_selection(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1, 2], select_seeds=[0], zero_shot=False, methods={
+        "mezo": {"lr": {"full": [1e-5]}}, "newton": {"method": "mezo", "lr": {"full": [0.05, 0.1, 0.2]}, "fixed_lr": {"full": 0.1}}}))
+    sweep = [r for r in plan(grid)[0] if r.label == "newton"]
+    assert [(r.lr, r.seed) for r in sweep] == [(0.05, 0), (0.1, 0), (0.2, 0)]
+    for run, dev in zip(sweep, (0.8, 0.6, 0.7)):  # the dev selection would be 0.05
+        fake_results(run.path, best_dev=dev, test=dev, evals=[(100, dev)])
+    assert [(r.lr, r.seed) for r in plan(grid)[0] if r.label == "newton"][3:] == [(0.1, 1), (0.1, 2)]
+    for seed in (1, 2):
+        fake_results(training_run(grid, "sst2", grid.methods[1], "full", 0.1, seed).path, best_dev=0.6, test=0.62,
+                     evals=[(100, 0.6)])
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    doc = json.loads((grid.out / "accuracy.json").read_text())
+    cell = doc["tasks"][0]["methods"]["newton"]["full"]
+    assert (cell["lr"], cell["dev_selected_lr"], cell["fixed"], cell["seeds"]) == (0.1, 0.05, True, [0, 1, 2])
+    assert cell["test_mean"] == pytest.approx((0.6 + 0.62 + 0.62) / 3)
+    assert "| newton | full | 1e-1 (fixed) |" in (grid.out / "accuracy.md").read_text()
+
+
+@pytest.mark.parametrize(("fixed", "message"), [({"full": 0.3}, r"0\.3 is not one of the mode's learning rates"),
+                                                ({"lora": 0.1}, r"fixed_lr\.lora`: 0\.1 is not one"),
+                                                (0.1, r"must map a mode"), ({"full": -1}, r"positive numbers")])
+def test_a_fixed_lr_must_be_one_of_its_modes_learning_rates(tmp_path, fixed, message):
+    path = write_grid(tmp_path, methods={"mezo": {"lr": {"full": [0.05, 0.1]}, "fixed_lr": fixed}})
+    with pytest.raises(ConfigError, match=message):
+        load_grid(path)
+
+
 def test_parse_only(tmp_path):
     grid = load_grid(write_grid(tmp_path, tasks=["sst2", "rte"]))
     assert parse_only("task=sst2,method=mezo,method=zero-shot,seed=0,lr=1e-3", grid) == {

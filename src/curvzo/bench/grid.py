@@ -35,7 +35,7 @@ ZERO_SHOT = "zero-shot"
 _GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights", "pack",
               "compare", "out", "model", "data_dir", "reuse", "step_cost"}
 _TOP_ONLY = {"profiles", "default_profile"}
-_METHOD_KEYS = {"method", "lr", "tasks", "modes", "eps", "set"}
+_METHOD_KEYS = {"method", "lr", "fixed_lr", "tasks", "modes", "eps", "set"}
 # TrainConfig fields the grid sets per run: not allowed as settings or in a method's `set`.
 _CONTROLLED = {"task", "method", "peft", "lr", "seed", "output_dir", "eps", "model", "data_dir"}
 _SETTINGS = set(TrainConfig.__dataclass_fields__) - _CONTROLLED
@@ -54,6 +54,10 @@ class MethodSpec:
     tasks: tuple[str, ...]
     modes: tuple[str, ...]
     settings: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig keys (`set:`)
+    #: mode -> the lr the other seeds run and the table reports instead of the dev selection
+    #: (`fixed_lr:`): a method meant to run without a sweep, at its default; its sweep on the
+    #: selection seeds then measures how far a dev selection would move it
+    fixed_lr: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_zo(self) -> bool:
@@ -266,6 +270,7 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
             elif len(set(parsed)) != len(parsed):
                 problems.append(f"`{where}.lr.{mode}` repeats a value: {list(values)}")
             lr[mode] = parsed
+    fixed = _fixed_lr(entry.get("fixed_lr"), lr, where, problems)
     eps = {**base_eps, **_eps(entry.get("eps"), f"{where}.eps", run_modes, problems)}
     settings = entry.get("set") or {}
     if not isinstance(settings, dict):
@@ -278,7 +283,27 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
     if len(problems) > n:
         return None
     return MethodSpec(label=label, method=method, lr=lr, eps=eps, tasks=tuple(t for t in tasks if t in own_tasks),
-                      modes=run_modes, settings=dict(settings))
+                      modes=run_modes, settings=dict(settings), fixed_lr=fixed)
+
+
+def _fixed_lr(value: Any, lr: dict[str, tuple[float, ...]], where: str, problems: list[str]) -> dict[str, float]:
+    """`fixed_lr`: mode -> one of that mode's learning rates."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"`{where}.fixed_lr` must map a mode to one of its learning rates")
+        return {}
+    fixed = {}
+    for mode, raw in value.items():
+        number = _number(raw, f"{where}.fixed_lr.{mode}", problems)
+        if math.isnan(number):
+            continue
+        if mode not in lr or number not in lr[mode]:
+            problems.append(f"`{where}.fixed_lr.{mode}`: {raw!r} is not one of the mode's learning rates "
+                            f"{list(lr.get(mode, ()))}")
+        else:
+            fixed[mode] = number
+    return fixed
 
 
 def _reuse_folders(value: Any, problems: list[str]) -> tuple[Path, ...]:

@@ -81,20 +81,23 @@ def mean_curve(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return [(statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(length)]
 
 
-def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dev-selected lr of one (task, method, mode) and its test mean +- std over seeds."""
+def _cell(records: list[dict[str, Any]], fixed: float | None = None) -> dict[str, Any]:
+    """The lr of one (task, method, mode), ``fixed`` once it has run or else the dev selection, and
+    its test mean +- std over seeds."""
     by_lr: dict[float, dict[int, dict]] = {}
     for rec in records:
         by_lr.setdefault(rec["lr"], {})[rec["seed"]] = rec["results"]
     common = set.intersection(*(set(seeds) for seeds in by_lr.values()))
     on = {lr: sorted(common) if common else sorted(seeds) for lr, seeds in by_lr.items()}
     dev = {lr: [by_lr[lr][s]["best_dev"] for s in on[lr]] for lr in by_lr}
-    best = select_lr(dev)
+    selected = select_lr(dev)
+    best = fixed if fixed in by_lr else selected
     chosen = [by_lr[best][s] for s in sorted(by_lr[best])]
     tests = [r["test"] for r in chosen]
     curve = mean_curve(chosen)
     return {
-        "lr": best, "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
+        "lr": best, "dev_selected_lr": selected, "fixed": best == fixed,
+        "dev_mean": statistics.fmean(dev[best]), "test_mean": statistics.fmean(tests),
         "test_std": _sample_std(tests), "seeds": sorted(by_lr[best]),
         "tests": tests, "forward_passes": curve[-1][0] if curve else None, "curve": [list(p) for p in curve],
         "lr_candidates": [{"lr": lr, "dev_mean": statistics.fmean(dev[lr]), "selection_seeds": on[lr],
@@ -116,6 +119,7 @@ def summarize(
     unfinished_sweeps: Iterable[tuple[str, str, str]] = (),
     step_seconds: dict[str, float] | None = None,
     default_lrs: dict[str, float] | None = None,
+    fixed_lrs: dict[tuple[str, str], float] | None = None,
 ) -> dict[str, Any]:
     """Per-task rows and the summary, from finished runs.
 
@@ -128,7 +132,8 @@ def summarize(
     baseline's final dev accuracy is the forward ratio times the two labels' step-time ratio
     (logged step times of runs that shared a machine do not time honestly).
     ``default_lrs``: the lr each label runs at when none is given; where ``method``'s is in its
-    sweep, its test on the selection seeds is set against the dev-selected lr's.
+    sweep, its test on the selection seeds is set against the dev-selected lr's. ``fixed_lrs``:
+    (label, mode) -> the lr its row reports in place of the dev selection (a grid's ``fixed_lr``).
     """
     zo = set(zo_labels) if zo_labels is not None else {r["label"] for r in records if r["results"]["method"] in ZO_METHODS}
     unfinished = set(unfinished_sweeps)
@@ -140,7 +145,8 @@ def summarize(
             if rec["task"] == task:
                 grouped.setdefault((rec["label"], rec["mode"]), []).append(rec)
         for (label, m), recs in grouped.items():
-            cells.setdefault(label, {})[m] = {**_cell(recs), "sweep_finished": (task, label, m) not in unfinished}
+            cells.setdefault(label, {})[m] = {**_cell(recs, (fixed_lrs or {}).get((label, m))),
+                                              "sweep_finished": (task, label, m) not in unfinished}
         zs = [{**z["results"], "seed": z["seed"]} for z in zero_shot if z["task"] == task]
         metric = next((r["results"]["metric"] for r in records if r["task"] == task), zs[0]["metric"] if zs else None)
         row: dict[str, Any] = {"task": task, "metric": metric, "methods": cells, "zero_shot": None}
@@ -205,7 +211,8 @@ def _default_lr(rows: list[dict[str, Any]], label: str, mode: str, lr: float | N
             continue
         test = {c["lr"]: c["test_mean"] for c in cell["lr_candidates"]}
         if lr in test:
-            per_task[row["task"]] = {"selected_lr": cell["lr"], "gap_points": 100 * (test[cell["lr"]] - test[lr])}
+            selected = cell["dev_selected_lr"]
+            per_task[row["task"]] = {"selected_lr": selected, "gap_points": 100 * (test[selected] - test[lr])}
     gaps = [v["gap_points"] for v in per_task.values()]
     return {"lr": lr, "per_task": per_task, "max_gap_points": max(gaps) if gaps else None}
 
@@ -371,7 +378,8 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     data = summarize(records, zero_shot, tasks=grid.tasks, method=method, baseline=baseline,
                      mode=grid.modes[0] if "full" not in grid.modes else "full",
                      zo_labels=[s.label for s in grid.methods if s.is_zo], unfinished_sweeps=unfinished,
-                     step_seconds=step_seconds(grid), default_lrs=default_lrs(grid))
+                     step_seconds=step_seconds(grid), default_lrs=default_lrs(grid),
+                     fixed_lrs={(s.label, m): lr for s in grid.methods for m, lr in s.fixed_lr.items()})
     data["summary"].update(runs_used=len(records), runs_expected=grid.expected_runs(), zero_shot_runs_used=len(zero_shot),
                            runs_diverged=sum(u["diverged"] for u in used if u["in_plan"]),
                            runs_off_selection=len(used) - len(records))
@@ -433,7 +441,7 @@ def _pm(cell: dict[str, Any] | None, seeds: int) -> str:
 def _lr_text(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "–"
-    return format_lr(cell["lr"]) + ("" if cell["sweep_finished"] else UNSWEPT)
+    return format_lr(cell["lr"]) + (" (fixed)" if cell["fixed"] else "") + ("" if cell["sweep_finished"] else UNSWEPT)
 
 
 def _off_selection_text(count: int) -> str:
@@ -485,6 +493,9 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     if any(not c["sweep_finished"] for r in rows for by_mode in r["methods"].values() for c in by_mode.values()):
         lines += ["", f"{UNSWEPT} lr sweep unfinished on the selection seeds: the best finished lr, not yet a dev "
                       "selection; left out of the averages and of every comparison below."]
+    if any(c["fixed"] for r in rows for by_mode in r["methods"].values() for c in by_mode.values()):
+        lines += ["", "(fixed): the method's own lr (the grid's `fixed_lr`), run on every seed and reported whatever "
+                      "the dev selection; its sweep measures only how far a selection would move it."]
     lines += _sweep_table(grid, rows)
     per_task = ", ".join(
         f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"

@@ -158,14 +158,16 @@ def sweep(grid: Grid, task: str, spec: MethodSpec, mode: str) -> list[Run]:
 
 
 def selection(grid: Grid, task: str, spec: MethodSpec, mode: str) -> float | None:
-    """The dev-selected lr of one (task, method, mode) once its sweep is finished, else None; a
-    single lr is its own selection."""
+    """The lr the other seeds of one (task, method, mode) run once its sweep is finished, else
+    None: the dev selection, or the method's ``fixed_lr``; a single lr is its own selection."""
     lrs = spec.lr[mode]
     if len(lrs) == 1:
         return lrs[0]
     first = sweep(grid, task, spec, mode)
     if not all(r.done for r in first):
         return None
+    if mode in spec.fixed_lr:
+        return spec.fixed_lr[mode]
     return select_lr({lr: [r.results()["best_dev"] for r in first if r.lr == lr] for lr in lrs})
 
 
