@@ -335,6 +335,10 @@ def test_the_wall_clock_ratio_is_the_forward_ratio_times_the_quiet_machine_step_
                                 methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo": {"lr": {"full": [1e-5]}},
                                          "adamw": {"lr": {"full": [1e-5]}}}))
     assert step_seconds(grid) == {"mezo": 2.0, "curvzo": 1.0}  # the harness's curvzo runs restrict rows
+    newton = {"method": "mezo", "lr": {"full": [0.1]}, "set": {"optimizer_options": {"newton": True}}}
+    grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
+                                methods={"mezo": {"lr": {"full": [1e-5]}}, "mezo-newton": newton}))
+    assert step_seconds(grid) == {"mezo": 2.0}  # a Newton step is not timed by MeZO's plain step
 
 
 def test_lr_selection_uses_seeds_every_lr_has():

@@ -326,15 +326,15 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
 
 def step_seconds(grid: Grid) -> dict[str, float] | None:
     """Each ZO label's step time in ``grid.step_cost``: its method's median step with the label-only
-    closure (``<method>-newton`` for a Newton step where that was measured, else the method's), or
-    None without a file."""
+    closure (``<method>-newton`` for a Newton step: a label is timed only as it runs), or None
+    without a file."""
     if grid.step_cost is None or not grid.step_cost.is_file():
         return None
     timings = json.loads(grid.step_cost.read_text())["timings"]
     seconds = {}
     for spec in grid.methods:
         name = STEP_COST_NAME.get(spec.method, spec.method)
-        if spec.settings.get("optimizer_options", {}).get("newton") is True and f"{name}-newton" in timings:
+        if spec.settings.get("optimizer_options", {}).get("newton") is True:
             name = f"{name}-newton"
         if spec.is_zo and name in timings:
             seconds[spec.label] = timings[name]["median"]
@@ -517,7 +517,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         + (f"median {_fmt(s['wall_ratio_to_mezo_final'], '.2f')} (target ≤ {TARGETS['wall_ratio']}): the forward ratio times "
            f"the step-time ratio {_fmt(s['step_time_ratio'], '.2f')} measured side by side on a quiet machine by "
            f"`benchmarks.step_cost` ({grid.step_cost}), not the runs' logged times (they shared the machine)."
-           if s["step_time_ratio"] is not None else "n/a (no quiet-machine step times for this profile: `step_cost`)."),
+           if s["step_time_ratio"] is not None else "n/a (`benchmarks.step_cost` has not timed both methods' steps on a quiet machine for this profile)."),
         _default_lr_text(s),
     ]
     for label, v in s["methods"].items():
