@@ -85,16 +85,18 @@ def shares(m: dict[str, list], names: Sequence[str], tensors: int) -> list[dict[
     groups = names * tensors
     energy, signal = by_group(m["energy"], groups), by_group(m["signal"], groups)
     traces = [by_group(sample, groups) for sample in m["trace_samples"]]
-    trace = {n: statistics.fmean(t[n] for t in traces) for n in names}
+    stats = {n: {"energy": energy[n], "signal": signal[n], "trace": statistics.fmean(t[n] for t in traces)}
+             for n in names}
+    dense = stats[DENSE]
     rows = []
     for name in names[1:]:
         kind, fraction = name.rsplit("-", 1)
-        share = trace[name] / trace[DENSE]
-        spread = [(t[name] - share * t[DENSE]) / trace[DENSE] for t in traces]
-        inside = {"energy": energy[name], "signal": signal[name], "trace": trace[name]}
-        outside = {k: {"energy": energy, "signal": signal, "trace": trace}[k][DENSE] - v for k, v in inside.items()}
-        rows.append({"mask": kind, "fraction": float(fraction), "energy_share": energy[name] / energy[DENSE],
-                     "signal_share": signal[name] / signal[DENSE], "trace_share": share,
+        inside = stats[name]
+        share = {k: inside[k] / dense[k] for k in inside}
+        spread = [(t[name] - share["trace"] * t[DENSE]) / dense["trace"] for t in traces]
+        outside = {k: dense[k] - v for k, v in inside.items()}
+        rows.append({"mask": kind, "fraction": float(fraction), "energy_share": share["energy"],
+                     "signal_share": share["signal"], "trace_share": share["trace"],
                      "trace_share_se": statistics.stdev(spread) / math.sqrt(len(spread)),
                      "gain": subset_gain({"in": inside, "out": outside}, ["in"])})
     return rows
