@@ -1,7 +1,7 @@
 """python -m benchmarks.accuracy [--profile quick|cpu|gpu|paper] [--only task=sst2,method=mezo] [--jobs N]
 
-The accuracy benchmark: CurvZO against MeZO, uniform-sparse, fixed-budget CurvZO and
-first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Identical to
+The accuracy benchmark: MeZO, the `curvzo` Newton step (profile `newton`), the sparse estimator's
+presets and first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Identical to
 ``curvzo bench ...`` (the grid runner is :mod:`curvzo.bench`); run from the repository root:
 
     python -m benchmarks.accuracy --profile quick     # < 30 min on 2 CPU cores
@@ -11,7 +11,7 @@ first-order AdamW on real tasks, from the grid ``benchmarks/grids/cpu.yaml``. Id
 
 Outputs in ``benchmarks/results/`` (the profile's ``out``): ``runs/<task>/<method>-<mode>-lr<lr>-s<seed>/``
 while a run runs, ``runs.tar.gz`` (finished runs' records, packed by the grid's ``pack: true``), ``accuracy.json``, ``accuracy.md``, ``accuracy_<task>.png``, ``forward_ratio.png``,
-``curvzo_budget.png`` and ``curvzo_scores.png``.
+``<method>_budget.png`` and ``<method>_scores.png`` (the compared method's, when it samples blocks).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", default="1,2", help="numbers of processes (default: %(default)s)")
     parser.add_argument("--modes", default=",".join(MODES), help="modes (default: %(default)s)")
-    parser.add_argument("--methods", default="mezo,curvzo", help="ZO presets of the curvzo modes (default: %(default)s)")
+    parser.add_argument("--methods", default="mezo,curvzo-sparse", help="ZO presets of the curvzo modes (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per prompt (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (default: %(default)s)")

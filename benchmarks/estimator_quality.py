@@ -178,7 +178,7 @@ METHODS: list[MethodSpec] = [
     MethodSpec("mezo", "mezo", note="dense two-point SPSA", variant=False),
     MethodSpec("uniform-sparse", "uniform-sparse", note="k of d tensors uniformly, adaptive k", variant=False),
     MethodSpec("curvzo-ref", "curvzo-ref", note="reference port: |g| feedback, no floor/mix", variant=False),
-    MethodSpec("curvzo", "curvzo", note="library default preset (run only if it differs from curvzo-ref)", variant=False),
+    MethodSpec("curvzo-sparse", "curvzo-sparse", note="the sparse preset (run only if it differs from curvzo-ref)", variant=False),
     MethodSpec("ref+square", "curvzo-ref", (("feedback", "square"),), note="squared feedback g^2"),
     MethodSpec("ref+pi_floor=0.05", "curvzo-ref", (("pi_floor", 0.05),), note="pi >= 0.05"),
     MethodSpec("ref+explore=0.1", "curvzo-ref", (("explore_mix", 0.1),), note="p = 0.9 p + 0.1 / d"),
@@ -186,8 +186,8 @@ METHODS: list[MethodSpec] = [
     MethodSpec("ref+emb-chunks", "curvzo-ref", embed_block_size=ROW * 64, note="embedding in 64-row blocks"),
     MethodSpec("ref+rows-active", "curvzo-ref", embed_block_size=ROW, active_rows=True,
                note="embedding rows as blocks; rows that cannot change the loss left out (step(active=...))"),
-    MethodSpec("curvzo-harness", "curvzo", embed_block_size=ROW, active_rows=True,
-               note="`curvzo train --method curvzo`: the preset (dense_below=16384) + embedding rows + active rows"),
+    MethodSpec("curvzo-sparse-harness", "curvzo-sparse", embed_block_size=ROW, active_rows=True,
+               note="`curvzo train --method curvzo-sparse`: the preset (dense_below=16384) + embedding rows + active rows"),
 ]
 
 #: Selectable with --methods, not run by default (time).
@@ -203,7 +203,7 @@ EXTRA_METHODS: list[MethodSpec] = [
     MethodSpec("ref+rows-active+floor", "curvzo-ref", (("pi_floor", 0.05),),
                embed_block_size=ROW, active_rows=True),
     # The estimator variants of benchmarks/stability, as the harness runs them (rows + active mask).
-    *(MethodSpec(f"curvzo+{name}", "curvzo", options, embed_block_size=ROW, active_rows=True, note=note)
+    *(MethodSpec(f"curvzo-sparse+{name}", "curvzo-sparse", options, embed_block_size=ROW, active_rows=True, note=note)
       for name, options, note in (
           ("subspace", (("correction", "subspace"),), "divisor: the expected perturbed fraction"),
           ("floor0.2", (("pi_floor", 0.2),), "pi >= 0.2 on the sampled blocks"),
@@ -227,10 +227,10 @@ def select_methods(names: str | None) -> list[MethodSpec]:
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {[m.name for m in every]}")
         specs = [m for m in every if m.name in wanted]
-    # "curvzo" only when the library default differs from the reference preset.
+    # "curvzo-sparse" only when it differs from the reference preset.
     out = []
     for s in specs:
-        if s.name == "curvzo" and _preset_options("curvzo") == _preset_options("curvzo-ref"):
+        if s.name == "curvzo-sparse" and _preset_options("curvzo-sparse") == _preset_options("curvzo-ref"):
             continue
         out.append(s)
     return out

@@ -263,7 +263,7 @@ class Spec:
     samples: int = 4
     #: "gsl" (oracle), "random" (the same subspace update on random groups), "online" (the
     #: forward-only bandit of ``benchmarks.online``), "dense" (every group, the online step rule)
-    #: "fixed" (the decoder layers ``layers``, the online step rule) or "curvzo" (the ``curvzo``
+    #: "fixed" (the decoder layers ``layers``, the online step rule) or "curvzo" (the ``curvzo-sparse``
     #: preset at its selected lr, its block scores judged by the oracle)
     policy: str = "gsl"
     norm: bool = False  # whether the norm gains are perturbed at every step
@@ -316,7 +316,7 @@ class Spec:
 
 
 def _config(spec: Spec) -> TrainConfig:
-    method, lr = ("curvzo", CURVZO_LR[spec.task]) if spec.policy == "curvzo" else ("mezo", MEZO_LR[spec.task])
+    method, lr = ("curvzo-sparse", CURVZO_LR[spec.task]) if spec.policy == "curvzo" else ("mezo", MEZO_LR[spec.task])
     return TrainConfig(model=spec.model, task=spec.task, data_dir=spec.data_dir, method=method, seed=spec.seed,
                        lr=lr, embedding_rows=True, rounding="nearest", **{**LONG, "steps": spec.steps})
 

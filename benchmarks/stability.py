@@ -95,17 +95,17 @@ SUBSPACE_FRACTIONS = (0.5, 0.25, 0.125, 0.03125)
 #: left the engine: their finished runs stay in the tables, and they cannot run again.
 VARIANTS: dict[str, Variant] = {
     "mezo": Variant("mezo", mse_method="mezo"),
-    "curvzo": Variant("curvzo", mse_method="curvzo-harness"),
-    "curvzo+cap3": Variant("curvzo", {**_CURVZO, "multiplier_cap": 3.0}, mse_method="curvzo+cap3", retired=True),
-    "curvzo+subspace": Variant("curvzo", {**_CURVZO, "correction": "subspace"}, mse_method="curvzo+subspace"),
-    "curvzo+normalize": Variant("curvzo", {**_CURVZO, "normalize": True}, start_lr=8 * START_LR),
+    "curvzo-sparse": Variant("curvzo-sparse", mse_method="curvzo-sparse-harness"),
+    "curvzo-sparse+cap3": Variant("curvzo-sparse", {**_CURVZO, "multiplier_cap": 3.0}, mse_method="curvzo-sparse+cap3", retired=True),
+    "curvzo-sparse+subspace": Variant("curvzo-sparse", {**_CURVZO, "correction": "subspace"}, mse_method="curvzo-sparse+subspace"),
+    "curvzo-sparse+normalize": Variant("curvzo-sparse", {**_CURVZO, "normalize": True}, start_lr=8 * START_LR),
     "mezo+normalize": Variant("mezo", {"normalize": True}, start_lr=8 * START_LR),
     "mezo+rows": Variant("mezo", embedding_rows=True, mse_method="mezo+rows-active"),
     "curvzo-ref": Variant("curvzo-ref", embedding_rows=True, mse_method="ref+rows-active"),
-    "curvzo+replacement": Variant("curvzo", {**_CURVZO, "sampling": "replacement", "explore_mix": 0.3},
-                                  mse_method="curvzo+replacement", retired=True),
-    "curvzo+floor0.2": Variant("curvzo", {**_CURVZO, "pi_floor": 0.2}, mse_method="curvzo+floor0.2"),
-    "curvzo+rademacher": Variant("curvzo", {**_CURVZO, "noise": "rademacher"}, mse_method="curvzo+rademacher"),
+    "curvzo-sparse+replacement": Variant("curvzo-sparse", {**_CURVZO, "sampling": "replacement", "explore_mix": 0.3},
+                                         mse_method="curvzo-sparse+replacement", retired=True),
+    "curvzo-sparse+floor0.2": Variant("curvzo-sparse", {**_CURVZO, "pi_floor": 0.2}, mse_method="curvzo-sparse+floor0.2"),
+    "curvzo-sparse+rademacher": Variant("curvzo-sparse", {**_CURVZO, "noise": "rademacher"}, mse_method="curvzo-sparse+rademacher"),
     "uniform-sparse": Variant("uniform-sparse", mse_method="uniform-sparse"),
     **{f"subspace-f{f:g}": Variant("curvzo-ref", {"sampling": "uniform", "budget": f, "correction": "subspace"})
        for f in SUBSPACE_FRACTIONS},
@@ -308,7 +308,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 running = SMOOTHING * running + (1 - SMOOTHING) * loss
                 curve.append(running)
             x = [32 * (i + 1) for i in range(len(curve))]  # forward passes: 2 per step, 16 examples each
-            ax.plot(x, curve, label=f"{name} (lr {s['best_lr']:.3g})", lw=2 if name in ("mezo", "curvzo") else 1)
+            ax.plot(x, curve, label=f"{name} (lr {s['best_lr']:.3g})", lw=2 if name in ("mezo", "curvzo-sparse") else 1)
         ax.axhline(1.0, color="grey", ls=":", lw=1)
         ax.set(title=f"{task}: training loss at each variant's best lr", xlabel="forward passes (examples)",
                ylabel=f"loss / pretrained loss on the batch (EMA {SMOOTHING})")

@@ -16,10 +16,11 @@ the median of within-round ratios. Untimed warm-up first (CurvZO-type methods ta
 * ``label_loss``: :func:`curvzo.scoring.classification_loss`, the closure of every step below
   (body forward + the two verbalizer rows of the LM head);
 * steps, all with the same closure, ``lr=1e-6``, ``eps=1e-3``, on the streaming engine
-  (``model=`` given): ``peer-mezo`` (``mezo.update``), every ZO preset (``mezo``, ``curvzo-ref``,
-  ``curvzo``, ``uniform-sparse``, ``curvzo-fixed``), ``mezo-rademacher`` (MeZO with random-sign
-  noise), ``mezo-newton`` (MeZO with the Newton step: the closure also returns the choice logits,
-  whose Gauss-Newton curvature sets the step), ``curvzo+rows-active`` (preset "curvzo" as the harness runs it: embedding rows as blocks,
+  (``model=`` given): ``peer-mezo`` (``mezo.update``), every ZO preset (``mezo``, ``curvzo``: the
+  Newton step, whose closure also returns the choice logits that its Gauss-Newton curvature is
+  read from, ``curvzo-ref``, ``curvzo-sparse``, ``uniform-sparse``, ``curvzo-fixed``),
+  ``mezo-rademacher`` (MeZO with random-sign noise), ``curvzo-sparse+rows-active`` (preset
+  "curvzo-sparse" as the harness runs it: embedding rows as blocks,
   ``step(active=...)`` restricted to the rows of the batch's tokens and the two verbalizer tokens)
   and ``adamw`` (first-order: backward + ``torch.optim.AdamW``, for its memory).
 
@@ -55,10 +56,10 @@ import torch
 from benchmarks import _common as C
 
 DEFAULT_OUT = C.RESULTS_DIR / "step_cost.json"
-ZO_STEPS = ("mezo", "mezo-rademacher", "mezo-newton", "mezo-fallback", "curvzo-ref", "curvzo", "uniform-sparse", "curvzo-fixed",
-            "curvzo+rows-active")
+ZO_STEPS = ("mezo", "mezo-rademacher", "curvzo", "mezo-fallback", "curvzo-ref", "curvzo-sparse", "uniform-sparse",
+            "curvzo-fixed", "curvzo-sparse+rows-active")
 STEP_METHODS = ("peer-mezo", *ZO_STEPS, "adamw")
-SPARSE = ("curvzo-ref", "curvzo", "uniform-sparse", "curvzo-fixed", "curvzo+rows-active")
+SPARSE = ("curvzo-ref", "curvzo-sparse", "uniform-sparse", "curvzo-fixed", "curvzo-sparse+rows-active")
 #: Methods whose step is also measured with the full-logits closure (timings and memory under
 #: ``FULL + method``): every ZO method.
 FULL = "full:"
@@ -140,7 +141,7 @@ def make_step(name: str, model: torch.nn.Module, batch: Any, args: argparse.Name
     closure, or the full-logits loss for ``full:<method>``."""
     import warnings
 
-    from curvzo.optim import FallbackWarning, build_optimizer
+    from curvzo.optim import NEWTON_FRACTION, FallbackWarning, build_optimizer, takes_newton_step
 
     method, loss_fn = closure_of(name)
 
@@ -167,8 +168,8 @@ def make_step(name: str, model: torch.nn.Module, batch: Any, args: argparse.Name
     if method == "mezo-rademacher":
         opt = build_optimizer("mezo", model.parameters(), noise="rademacher", **engine)
         return (lambda: opt.step(closure)), opt
-    if method == "mezo-newton":
-        opt = build_optimizer("mezo", model.parameters(), newton=True, **{**engine, "lr": 0.1})
+    if takes_newton_step(method, {}):  # lr: the default fraction of the Newton step
+        opt = build_optimizer(method, model.parameters(), **{**engine, "lr": NEWTON_FRACTION})
         return (lambda: opt.step(newton_closure(loss_fn, model, batch))), opt
     if method == "peer-mezo":
         peer = _import_peer()
@@ -178,10 +179,10 @@ def make_step(name: str, model: torch.nn.Module, batch: Any, args: argparse.Name
             return peer.update(model, batch, lambda m, b: loss_fn(m, b), args.eps, args.lr, 1000 + next(counter))
 
         return peer_step, None
-    if method == "curvzo+rows-active":
+    if method == "curvzo-sparse+rows-active":
         embed = model.get_input_embeddings().weight
         groups = [{"params": [embed], "block_size": embed.shape[1]}, {"params": [p for p in model.parameters() if p is not embed]}]
-        opt = build_optimizer("curvzo", groups, **engine)
+        opt = build_optimizer("curvzo-sparse", groups, **engine)
         mask = opt.rows_active(embed, active_rows(model, batch))
         return (lambda: opt.step(closure, active=mask)), opt
     opt = build_optimizer(method, model.parameters(), **engine)
@@ -419,11 +420,11 @@ README_LABELS = {
     "peer-mezo": "peer `mezo==0.0.1`",
     "mezo": "`mezo`",
     "mezo-rademacher": '`mezo`, `noise="rademacher"`',
-    "mezo-newton": "`mezo`, `newton=True` (closure returns the choice logits too)",
+    "curvzo": "`curvzo`: the Newton step (closure returns the choice logits too)",
     "mezo-fallback": "`mezo` without `model=` (set-aside fallback)",
     "curvzo-ref": "`curvzo-ref` (reference)",
-    "curvzo": "`curvzo` preset, tensor blocks",
-    "curvzo+rows-active": "`curvzo` as the harness runs it (embedding rows, active mask)",
+    "curvzo-sparse": "`curvzo-sparse`, tensor blocks",
+    "curvzo-sparse+rows-active": "`curvzo-sparse` as the harness runs it (embedding rows, active mask)",
     "uniform-sparse": "`uniform-sparse`",
     "curvzo-fixed": "`curvzo-fixed`",
     "adamw": "first-order AdamW (backprop)",

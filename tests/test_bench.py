@@ -32,7 +32,7 @@ def write_grid(tmp_path: Path, **values) -> Path:
                                                        ("long", 112, 4), ("paper-1b", 64, 4)])
 def test_shipped_grid_profiles_are_valid(profile, runs, tasks):
     grid = load_grid(SHIPPED, profile)
-    assert len(grid.tasks) == tasks and {"mezo", "curvzo", "curvzo-ref"} <= {s.label for s in grid.methods}
+    assert len(grid.tasks) == tasks and {"mezo", "curvzo-sparse", "curvzo-ref"} <= {s.label for s in grid.methods}
     if runs is not None:
         assert grid.expected_runs() == runs
     assert load_grid(SHIPPED).profile == "cpu"  # the grid's default profile
@@ -40,7 +40,7 @@ def test_shipped_grid_profiles_are_valid(profile, runs, tasks):
 
 def test_quick_profile_picks_and_merges_methods():
     grid = load_grid(SHIPPED, "quick")
-    assert [s.label for s in grid.methods] == ["mezo", "curvzo-ref", "curvzo"]
+    assert [s.label for s in grid.methods] == ["mezo", "curvzo-ref", "curvzo-sparse"]
     assert all(s.lr == {"full": (1e-5,)} and s.eps["full"] == 1e-3 for s in grid.methods)
     assert grid.settings["steps"] == 60 and grid.out == Path("benchmarks/results/quick")
 
@@ -112,7 +112,7 @@ def test_format_lr(lr, text):
 
 
 def test_run_folder_names(tmp_path):
-    assert run_folder_name("curvzo", "full", 1e-5, 2) == "curvzo-full-lr1e-5-s2"
+    assert run_folder_name("curvzo-sparse", "full", 1e-5, 2) == "curvzo-sparse-full-lr1e-5-s2"
     assert run_folder_name("zero-shot", "full", None, 0) == "zero-shot-s0"
     grid = load_grid(write_grid(tmp_path, seeds=[0, 1], methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}}))
     runs, waiting = plan(grid)
@@ -218,23 +218,23 @@ def test_summary_arithmetic():
         rec("sst2", "mezo", 1e-4, 0, 0.80, 0.90, flat),
         rec("sst2", "mezo", 1e-4, 1, 0.50, 0.90, flat),
         # curvzo seeds average to (0.5, 0.8, 0.8): 0.7 reached at 50 + ... = 66.67 passes -> ratio 1/3
-        rec("sst2", "curvzo", 1e-5, 0, 0.80, 0.80, [(0, 0.5), (100, 0.9), (200, 0.8)]),
-        rec("sst2", "curvzo", 1e-5, 1, 0.80, 0.76, [(0, 0.5), (100, 0.7), (200, 0.8)]),
+        rec("sst2", "curvzo-sparse", 1e-5, 0, 0.80, 0.80, [(0, 0.5), (100, 0.9), (200, 0.8)]),
+        rec("sst2", "curvzo-sparse", 1e-5, 1, 0.80, 0.76, [(0, 0.5), (100, 0.7), (200, 0.8)]),
         # rte (one seed: neither won nor lost): curvzo is behind and never reaches mezo's final dev
         rec("rte", "mezo", 1e-5, 0, 0.6, 0.60, [(0, 0.5), (100, 0.55), (200, 0.6)]),
-        rec("rte", "curvzo", 1e-5, 0, 0.55, 0.56, [(0, 0.5), (100, 0.55), (200, 0.55)]),
+        rec("rte", "curvzo-sparse", 1e-5, 0, 0.55, 0.56, [(0, 0.5), (100, 0.55), (200, 0.55)]),
         rec("rte", "adamw", 1e-4, 0, 0.9, 0.88, [(0, 0.5), (100, 0.9)]),
     ]
     zero = [{"task": "sst2", "seed": s, "results": {"dev": 0.5, "test": t, "metric": "accuracy"}} for s, t in ((0, 0.5), (1, 0.6))]
-    data = summarize(records, zero, tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])
+    data = summarize(records, zero, tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo-sparse"])
     sst2, rte = data["tasks"]
     mezo = sst2["methods"]["mezo"]["full"]
     assert mezo["lr"] == 1e-5 and mezo["dev_mean"] == pytest.approx(0.70)
     assert mezo["test_mean"] == pytest.approx(0.72) and mezo["test_std"] == pytest.approx(math.sqrt(2 * 0.02**2))
     assert sst2["zero_shot"]["test_mean"] == pytest.approx(0.55)
-    assert sst2["forward_ratio_to_baseline_final"]["curvzo"] == pytest.approx((200 / 3) / 200)
+    assert sst2["forward_ratio_to_baseline_final"]["curvzo-sparse"] == pytest.approx((200 / 3) / 200)
     assert sst2["forward_ratio_to_baseline_final"]["mezo"] == pytest.approx(1.0)
-    assert rte["forward_ratio_to_baseline_final"]["curvzo"] is None and "adamw" not in rte["forward_ratio_to_baseline_final"]
+    assert rte["forward_ratio_to_baseline_final"]["curvzo-sparse"] is None and "adamw" not in rte["forward_ratio_to_baseline_final"]
     s = data["summary"]
     assert s["curvzo_minus_mezo_mean"] == pytest.approx((100 * (0.78 - 0.72) + 100 * (0.56 - 0.60)) / 2)
     assert (s["tasks_won"], s["tasks_total"]) == (1, 2)
@@ -276,7 +276,7 @@ def test_a_lora_column_is_compared_with_the_baselines_method_in_lora():
     curve = [(0, 0.5), (100, 0.6)]
     records = [rec("sst2", "mezo", 1e-5, s, 0.6, 0.70, curve) for s in (0, 1)]
     faster = [(0, 0.5), (50, 0.6), (100, 0.6)]  # reaches mezo-lora's final 0.6 in half its forwards
-    for label, method, tests, dev in (("mezo-lora", "mezo", (0.60, 0.62), curve), ("curvzo-lora", "curvzo", (0.66, 0.68), faster)):
+    for label, method, tests, dev in (("mezo-lora", "mezo", (0.60, 0.62), curve), ("curvzo-lora", "curvzo-sparse", (0.66, 0.68), faster)):
         records += [{**rec("sst2", label, 1e-3, s, 0.6, t, dev, method=method), "mode": "lora"} for s, t in enumerate(tests)]
     records += [{**rec("sst2", "adamw-lora", 1e-4, 0, 0.6, 0.9, curve, method="adamw"), "mode": "lora"}]
     s = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "mezo-lora", "curvzo-lora"])["summary"]
@@ -292,9 +292,9 @@ def test_a_lora_column_is_compared_with_the_baselines_method_in_lora():
 def test_a_difference_within_seed_noise_is_a_tie_whatever_its_sign():
     curve = [(0, 0.5), (100, 0.6)]
     records = [rec("sst2", "mezo", 1e-5, s, 0.6, t, curve) for s, t in ((0, 0.60), (1, 0.70), (2, 0.65))]
-    records += [rec("sst2", "curvzo", 1e-5, s, 0.6, t, curve) for s, t in ((0, 0.64), (1, 0.74), (2, 0.69))]
-    records += [rec("rte", label, 1e-5, s, 0.6, 0.6 + bump, curve) for label, bump in (("mezo", 0), ("curvzo", 1e-7)) for s in (0, 1)]
-    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])["summary"]
+    records += [rec("sst2", "curvzo-sparse", 1e-5, s, 0.6, t, curve) for s, t in ((0, 0.64), (1, 0.74), (2, 0.69))]
+    records += [rec("rte", label, 1e-5, s, 0.6, 0.6 + bump, curve) for label, bump in (("mezo", 0), ("curvzo-sparse", 1e-7)) for s in (0, 1)]
+    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo-sparse"])["summary"]
     assert s["per_task"]["sst2"]["minus_baseline"] == pytest.approx(4.0)  # 4 points, standard error 4.08
     assert s["per_task"]["sst2"]["outcome"] == "tie" and s["per_task"]["rte"]["outcome"] == "tie"
     assert (s["tasks_won"], s["tasks_lost"], s["tasks_total"]) == (0, 0, 2)
@@ -302,10 +302,10 @@ def test_a_difference_within_seed_noise_is_a_tie_whatever_its_sign():
 
 def test_tasks_where_the_baseline_did_not_improve_carry_no_forward_ratio():
     records = [rec("sst2", "mezo", 1e-5, 0, 0.5, 0.5, [(0, 0.5), (100, 0.5)]),  # flat: reached at 0 by anyone
-               rec("sst2", "curvzo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
+               rec("sst2", "curvzo-sparse", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
                rec("rte", "mezo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.6)]),
-               rec("rte", "curvzo", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.7)])]
-    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo"])["summary"]
+               rec("rte", "curvzo-sparse", 1e-5, 0, 0.6, 0.6, [(0, 0.5), (100, 0.7)])]
+    s = summarize(records, [], tasks=["sst2", "rte"], zo_labels=["mezo", "curvzo-sparse"])["summary"]
     assert s["per_task"]["sst2"]["forward_ratio"] is None and s["per_task"]["sst2"]["baseline_improved"] is False
     assert s["forward_ratio_tasks"] == 1 and s["forward_ratio_to_mezo_final"] == pytest.approx(0.5)
 
@@ -313,32 +313,34 @@ def test_tasks_where_the_baseline_did_not_improve_carry_no_forward_ratio():
 def test_forward_ratio_divides_by_where_the_baseline_first_reaches_its_final():
     # mezo peaks at 100 passes and ends at 0.65, first reached at 75: curvzo reaching 0.65 at 75 is no speed-up
     records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7), (200, 0.65)]),
-               rec("sst2", "curvzo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7), (200, 0.7)])]
-    data = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"])
+               rec("sst2", "curvzo-sparse", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7), (200, 0.7)])]
+    data = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo-sparse"])
     ratios = data["tasks"][0]["forward_ratio_to_baseline_final"]
-    assert ratios["mezo"] == pytest.approx(1.0) and ratios["curvzo"] == pytest.approx(1.0)
+    assert ratios["mezo"] == pytest.approx(1.0) and ratios["curvzo-sparse"] == pytest.approx(1.0)
     assert data["summary"]["forward_ratio_to_mezo_final"] == pytest.approx(1.0)
 
 
 def test_the_wall_clock_ratio_is_the_forward_ratio_times_the_quiet_machine_step_time_ratio(tmp_path):
     records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7)]),
-               rec("sst2", "curvzo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (50, 0.7)])]
-    timed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"], step_seconds={"mezo": 2.0, "curvzo": 0.5})
+               rec("sst2", "curvzo-sparse", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (50, 0.7)])]
+    timed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo-sparse"], step_seconds={"mezo": 2.0, "curvzo-sparse": 0.5})
     s = timed["summary"]
     assert s["forward_ratio_to_mezo_final"] == pytest.approx(0.5) and s["step_time_ratio"] == 0.25
     assert s["wall_ratio_to_mezo_final"] == pytest.approx(0.125) and s["targets_met"]["wall_ratio"]
-    untimed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo"])["summary"]
+    untimed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo-sparse"])["summary"]
     assert untimed["wall_ratio_to_mezo_final"] is None and not untimed["targets_met"]["wall_ratio"]
     (tmp_path / "step_cost.json").write_text(json.dumps({"timings": {"mezo": {"median": 2.0},
-                                                                     "curvzo+rows-active": {"median": 1.0}}}))
+                                                                     "curvzo-sparse+rows-active": {"median": 1.0}}}))
     grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
-                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo": {"lr": {"full": [1e-5]}},
+                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo-sparse": {"lr": {"full": [1e-5]}},
                                          "adamw": {"lr": {"full": [1e-5]}}}))
-    assert step_seconds(grid) == {"mezo": 2.0, "curvzo": 1.0}  # the harness's curvzo runs restrict rows
+    assert step_seconds(grid) == {"mezo": 2.0, "curvzo-sparse": 1.0}  # the harness's curvzo-sparse runs restrict rows
     newton = {"method": "mezo", "lr": {"full": [0.1]}, "set": {"optimizer_options": {"newton": True}}}
     grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
                                 methods={"mezo": {"lr": {"full": [1e-5]}}, "mezo-newton": newton}))
     assert step_seconds(grid) == {"mezo": 2.0}  # a Newton step is not timed by MeZO's plain step
+    (tmp_path / "step_cost.json").write_text(json.dumps({"timings": {"mezo": {"median": 2.0}, "curvzo": {"median": 2.2}}}))
+    assert step_seconds(grid) == {"mezo": 2.0, "mezo-newton": 2.2}  # MeZO's Newton step is the curvzo preset's
 
 
 def test_lr_selection_uses_seeds_every_lr_has():
@@ -352,11 +354,11 @@ def test_lr_selection_uses_seeds_every_lr_has():
 
 def test_aggregate_writes_json_md_and_figures_from_a_partial_grid(tmp_path):
     grid = load_grid(write_grid(tmp_path, tasks=["sst2", "rte"], seeds=[0, 1],
-                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo": {"lr": {"full": [1e-5]}}}))
+                                methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo-sparse": {"lr": {"full": [1e-5]}}}))
     runs = {(r.task, r.label, r.seed): r for r in plan(grid)[0]}
     curve = [(100, 0.6), (200, 0.7)]
     fake_results(runs["sst2", "mezo", 0].path, best_dev=0.7, test=0.70, evals=curve)
-    fake_results(runs["sst2", "curvzo", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8), (200, 0.8)], method="curvzo")
+    fake_results(runs["sst2", "curvzo-sparse", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8), (200, 0.8)], method="curvzo-sparse")
     runs["sst2", "zero-shot", 0].path.mkdir(parents=True)
     (runs["sst2", "zero-shot", 0].path / "results.json").write_text(json.dumps(
         {"task": "sst2", "method": "zero-shot", "metric": "accuracy", "seed": 0, "dev": 0.5, "test": 0.5}))
@@ -369,30 +371,30 @@ def test_aggregate_writes_json_md_and_figures_from_a_partial_grid(tmp_path):
     assert s["forward_ratio_to_mezo_final"] == pytest.approx((100 * 0.2 / 0.3) / 200)
     assert len(doc["runs"]) == 2 and report.summary == s
     md = (grid.out / "accuracy.md").read_text()
-    assert "| zero-shot | – | 50.0 (n=1) | – | – |" in md and "| curvzo | full | 75.0 (n=1) | – | – |" in md
+    assert "| zero-shot | – | 50.0 (n=1) | – | – |" in md and "| curvzo-sparse | full | 75.0 (n=1) | – | – |" in md
     assert "Runs used: 2 of 8" in md
     assert {"accuracy_sst2.png", "forward_ratio.png"} <= {p.name for p in grid.out.glob("*.png")}
 
 
 def test_a_cell_with_an_unfinished_lr_sweep_is_shown_but_never_compared(tmp_path):
     grid = load_grid(write_grid(tmp_path, seeds=[0, 1], select_seeds=[0], zero_shot=False,
-                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo": {"lr": {"full": [1e-5, 1e-4]}}}))
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo-sparse": {"lr": {"full": [1e-5, 1e-4]}}}))
     runs = {(r.label, r.lr): r for r in plan(grid)[0]}
     fake_results(runs["mezo", 1e-5].path, best_dev=0.7, test=0.70, evals=[(100, 0.7)])
     fake_results(runs["mezo", 1e-4].path, best_dev=0.6, test=0.60, evals=[(100, 0.6)])
-    fake_results(runs["curvzo", 1e-4].path, best_dev=0.9, test=0.90, evals=[(100, 0.9)], method="curvzo")
+    fake_results(runs["curvzo-sparse", 1e-4].path, best_dev=0.9, test=0.90, evals=[(100, 0.9)], method="curvzo-sparse")
     run_bench(grid, aggregate_only=True, log=lambda line: None)
     doc = json.loads((grid.out / "accuracy.json").read_text())
     cells = doc["tasks"][0]["methods"]
-    assert cells["mezo"]["full"]["sweep_finished"] and not cells["curvzo"]["full"]["sweep_finished"]
+    assert cells["mezo"]["full"]["sweep_finished"] and not cells["curvzo-sparse"]["full"]["sweep_finished"]
     s = doc["summary"]  # curvzo's 1e-4 is only the best of what finished: +20 points on it would be no result
     assert s["tasks_total"] == 0 and s["curvzo_minus_mezo_mean"] is None and s["per_task"] == {}
-    assert s["methods"] == {"curvzo": s["methods"]["curvzo"]} and s["methods"]["curvzo"]["tasks_total"] == 0
+    assert s["methods"] == {"curvzo-sparse": s["methods"]["curvzo-sparse"]} and s["methods"]["curvzo-sparse"]["tasks_total"] == 0
     assert doc["tasks"][0]["forward_to_baseline_final"] == {"mezo": 100.0}
     md = (grid.out / "accuracy.md").read_text()
-    assert "| curvzo | full | 90.0 (n=1)† | – |" in md and "| curvzo | full | 1e-4† |" in md
+    assert "| curvzo-sparse | full | 90.0 (n=1)† | – |" in md and "| curvzo-sparse | full | 1e-4† |" in md
     assert "| mezo | full | 70.0 (n=1) | 70.0 |" in md and "† lr sweep unfinished" in md  # curvzo: no average
-    fake_results(runs["curvzo", 1e-5].path, best_dev=0.5, test=0.50, evals=[(100, 0.5)], method="curvzo")
+    fake_results(runs["curvzo-sparse", 1e-5].path, best_dev=0.5, test=0.50, evals=[(100, 0.5)], method="curvzo-sparse")
     run_bench(grid, aggregate_only=True, log=lambda line: None)
     s = json.loads((grid.out / "accuracy.json").read_text())["summary"]
     assert s["tasks_total"] == 1 and s["curvzo_minus_mezo_mean"] == pytest.approx(20.0)
@@ -400,19 +402,19 @@ def test_a_cell_with_an_unfinished_lr_sweep_is_shown_but_never_compared(tmp_path
 
 def test_the_sweep_table_shows_every_lr_tried_the_selection_and_where_runs_diverged(tmp_path):
     grid = load_grid(write_grid(tmp_path, seeds=[0, 1], select_seeds=[0], zero_shot=False,
-                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo": {"lr": {"full": [1e-4, 1e-3]}}}))
+                                methods={"mezo": {"lr": {"full": [1e-5, 1e-4]}}, "curvzo-sparse": {"lr": {"full": [1e-4, 1e-3]}}}))
     runs = {(r.label, r.lr): r for r in plan(grid)[0]}
     fake_results(runs["mezo", 1e-5].path, best_dev=0.61, test=0.6, evals=[(100, 0.6)])
     fake_results(runs["mezo", 1e-4].path, best_dev=0.72, test=0.7, evals=[(100, 0.7)], diverged_at=37)
-    fake_results(runs["curvzo", 1e-4].path, best_dev=0.55, test=0.5, evals=[(100, 0.5)], method="curvzo")
+    fake_results(runs["curvzo-sparse", 1e-4].path, best_dev=0.55, test=0.5, evals=[(100, 0.5)], method="curvzo-sparse")
     run_bench(grid, aggregate_only=True, log=lambda line: None)
     md = (grid.out / "accuracy.md").read_text()
     assert "| task | method | mode | 1e-5 | 1e-4 | 1e-3 |" in md
     assert "| sst2 | mezo | full | 0.61 | **0.72 (div. 37)** |  |" in md  # 1e-3 is not in mezo's grid
-    assert "| sst2 | curvzo | full |  | 0.55 | – |" in md  # its sweep is unfinished: nothing selected yet
-    fake_results(runs["curvzo", 1e-3].path, best_dev=0.4, test=0.4, evals=[(100, 0.4)], method="curvzo", diverged_at=5)
+    assert "| sst2 | curvzo-sparse | full |  | 0.55 | – |" in md  # its sweep is unfinished: nothing selected yet
+    fake_results(runs["curvzo-sparse", 1e-3].path, best_dev=0.4, test=0.4, evals=[(100, 0.4)], method="curvzo-sparse", diverged_at=5)
     run_bench(grid, aggregate_only=True, log=lambda line: None)
-    assert "| sst2 | curvzo | full |  | **0.55** | 0.40 (div. 5) |" in (grid.out / "accuracy.md").read_text()
+    assert "| sst2 | curvzo-sparse | full |  | **0.55** | 0.40 (div. 5) |" in (grid.out / "accuracy.md").read_text()
 
 
 def test_the_report_shows_the_majority_label_floor_of_each_seeds_draw(data_dir, tmp_path):
@@ -440,7 +442,7 @@ def test_the_report_shows_the_majority_label_floor_of_each_seeds_draw(data_dir, 
 def tiny_grid(tmp_path: Path, tiny_dir: Path, data_dir: Path, **values) -> Path:
     settings = {"model": str(tiny_dir), "data_dir": str(data_dir), "steps": 1, "batch_size": 4, "max_length": 64,
                 "num_train": 16, "num_dev": 8, "num_test": 8, "eval_every": 1,
-                "methods": {"mezo": {"lr": {"full": [1e-3]}}, "curvzo": {"lr": {"full": [1e-3]}}}}
+                "methods": {"mezo": {"lr": {"full": [1e-3]}}, "curvzo-sparse": {"lr": {"full": [1e-3]}}}}
     return write_grid(tmp_path, **{**settings, **values})
 
 
@@ -449,9 +451,9 @@ def test_a_finished_grid_is_skipped_when_run_again(tiny_dir, data_dir, tmp_path,
     assert main(["bench", "--grid", str(path), "--no-progress"]) == 0
     out = tmp_path / "out"
     finished = sorted(out.glob("runs/sst2/*/results.json"))
-    assert [p.parent.name for p in finished] == ["curvzo-full-lr1e-3-s0", "mezo-full-lr1e-3-s0", "zero-shot-s0"]
+    assert [p.parent.name for p in finished] == ["curvzo-sparse-full-lr1e-3-s0", "mezo-full-lr1e-3-s0", "zero-shot-s0"]
     assert not list(out.glob("runs/**/best")) and not list(out.glob("runs/**/checkpoint"))  # keep_weights: false
-    assert {"accuracy.json", "accuracy.md", "curvzo_budget.png", "curvzo_scores.png"} <= {p.name for p in out.iterdir()}
+    assert {"accuracy.json", "accuracy.md", "curvzo-sparse_budget.png", "curvzo-sparse_scores.png"} <= {p.name for p in out.iterdir()}
     stamps = {p: p.stat().st_mtime_ns for p in finished}
     grid = load_grid(path)
     report = run_bench(grid, log=lambda line: None)
@@ -544,7 +546,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_dir, data_dir, tmp_
 
     monkeypatch.setattr(curvzo.finetune, "train", broken)
     report = run_bench(grid, log=lambda line: None)
-    assert report.failed == ["sst2/mezo-full-lr1e-3-s0", "sst2/curvzo-full-lr1e-3-s0"]
+    assert report.failed == ["sst2/mezo-full-lr1e-3-s0", "sst2/curvzo-sparse-full-lr1e-3-s0"]
     assert "RuntimeError: boom" in (plan(grid)[0][0].path / "error.txt").read_text()
 
 
@@ -553,21 +555,21 @@ def test_packed_runs_aggregate_exactly_as_their_folders(tmp_path):
     from curvzo.bench import aggregate, pack
 
     grid = load_grid(write_grid(tmp_path, seeds=[0, 1], methods={"mezo": {"lr": {"full": [1e-5]}},
-                                                                 "curvzo": {"lr": {"full": [1e-5]}}}))
+                                                                 "curvzo-sparse": {"lr": {"full": [1e-5]}}}))
     runs = {(r.task, r.label, r.seed): r for r in plan(grid)[0]}
     fake_results(runs["sst2", "mezo", 0].path, best_dev=0.7, test=0.70, evals=[(100, 0.6), (200, 0.7)])
-    fake_results(runs["sst2", "curvzo", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8)], method="curvzo")
-    (runs["sst2", "curvzo", 0].path / "log.jsonl").write_text('{"step": 1, "loss": 0.7, "forward_passes": 8}\n')
+    fake_results(runs["sst2", "curvzo-sparse", 0].path, best_dev=0.8, test=0.75, evals=[(100, 0.8)], method="curvzo-sparse")
+    (runs["sst2", "curvzo-sparse", 0].path / "log.jsonl").write_text('{"step": 1, "loss": 0.7, "forward_passes": 8}\n')
     unfinished = runs["sst2", "mezo", 1].path
     (unfinished / "checkpoint").mkdir(parents=True)
     aggregate(grid, log=lambda line: None)
     before = {name: (grid.out / name).read_bytes() for name in ("accuracy.json", "accuracy.md")}
 
     packed = pack(grid.out)
-    assert sorted(p.name for p in packed) == ["curvzo-full-lr1e-5-s0", "mezo-full-lr1e-5-s0"]
+    assert sorted(p.name for p in packed) == ["curvzo-sparse-full-lr1e-5-s0", "mezo-full-lr1e-5-s0"]
     assert not runs["sst2", "mezo", 0].path.exists() and (unfinished / "checkpoint").is_dir()  # a run to resume stays
     assert runs["sst2", "mezo", 0].done and not runs["sst2", "mezo", 1].done
-    assert runs["sst2", "curvzo", 0].record("log.jsonl") == b'{"step": 1, "loss": 0.7, "forward_passes": 8}\n'
+    assert runs["sst2", "curvzo-sparse", 0].record("log.jsonl") == b'{"step": 1, "loss": 0.7, "forward_passes": 8}\n'
     aggregate(grid, log=lambda line: None)
     assert {name: (grid.out / name).read_bytes() for name in before} == before
     archive = (grid.out / "runs.tar.gz").read_bytes()

@@ -36,7 +36,7 @@ def test_each_method_writes_all_outputs(tiny_dir, data_dir, tmp_path, method):
     assert (out / "config.yaml").exists() and (out / "best" / "model.safetensors").exists()
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"loss.png", "dev.png"} <= plots
-    if method.startswith("curvzo") or method == "uniform-sparse":
+    if method in ("curvzo-ref", "curvzo-sparse", "curvzo-fixed", "uniform-sparse"):  # SparseCurvZO's budget and scores
         assert {"budget.png", "scores.png"} <= plots
         assert {"grad", "budget", "blocks", "skipped"} <= set(log[0])
     else:  # dense and first-order methods have no budget to draw

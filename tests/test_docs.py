@@ -50,7 +50,7 @@ TABLES = documented_tables()
 
 
 def test_the_page_documents_every_public_configuration_class() -> None:
-    assert set(TABLES) == {"curvzo.optim.MeZO", "curvzo.optim.CurvZO", "curvzo.hf.ZOTrainingArguments",
+    assert set(TABLES) == {"curvzo.optim.MeZO", "curvzo.optim.CurvZO", "curvzo.optim.SparseCurvZO", "curvzo.hf.ZOTrainingArguments",
                            "curvzo.config.TrainConfig", "curvzo.tasks.TaskConfig"}
 
 
@@ -101,7 +101,7 @@ def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> Non
     text = "intro\n<!-- accuracy:begin acc.md -->\nold table\n<!-- accuracy:end -->\noutro\n"
     out = readme.render(text, root=tmp_path)
     assert out.startswith("intro\n<!-- accuracy:begin acc.md -->\nRuns used: ") and out.endswith("<!-- accuracy:end -->\noutro\n")
-    assert "old table" not in out and "| curvzo | full |" in out and "- **curvzo − mezo**" in out
+    assert "old table" not in out and "| curvzo-sparse | full |" in out and "- **curvzo-sparse − mezo**" in out
     assert "Selected learning rates" not in out and "## Figures" not in out
     with pytest.raises(ValueError, match="no <!-- <kind>:begin"):
         readme.render("no markers here\n", root=tmp_path)

@@ -127,7 +127,7 @@ def test_a_newton_run_in_query_mode_logs_its_curvature_and_replays(tiny_dir, dat
     """Each query's curvature crosses the ranks with its losses: the trajectory's Newton records
     rebuild the 2-process run in one process, bit for bit."""
     run = tmp_path / "newton"
-    argv = _argv(tiny_dir, data_dir, run, "--parallel", "query", "--set", "optimizer_options={newton: true}", lr="0.1")
+    argv = _argv(tiny_dir, data_dir, run, "--parallel", "query", "--method", "curvzo", lr="0.1")
     code, err = _finish(_torchrun("-m", "curvzo", *argv))
     assert code == 0, err
     log = _log(run)

@@ -45,7 +45,7 @@ def test_an_existing_run_is_refused_and_left_alone(tiny_dir, data_dir, tmp_path,
 
 def test_overwrite_leaves_nothing_of_the_old_run(tiny_dir, data_dir, tmp_path):
     run = tmp_path / "run"
-    assert main(_argv(tiny_dir, data_dir, "--output-dir", str(run), "--method", "curvzo")) == 0
+    assert main(_argv(tiny_dir, data_dir, "--output-dir", str(run), "--method", "curvzo-sparse")) == 0
     assert (run / "scores.json").exists()
     assert main(_argv(tiny_dir, data_dir, "--output-dir", str(run), "--method", "mezo", "--overwrite")) == 0
     assert not (run / "scores.json").exists() and not (run / "plots" / "scores.png").exists()

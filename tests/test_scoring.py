@@ -18,6 +18,7 @@ from curvzo import scoring
 from curvzo.errors import ConfigError, CurvzoWarning, DataError
 from curvzo.models import apply_peft
 from curvzo.scoring import (
+    answer_logits,
     classification_logits,
     classification_loss,
     encode,
@@ -263,6 +264,11 @@ def test_lm_loss_equals_full_forward_and_backpropagates(arch: str) -> None:
     torch.testing.assert_close(loss, reference, atol=ATOL, rtol=0)
     loss.backward()
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a Newton step's rows: the answer positions' vocabulary logits and their tokens
+        rows, targets = answer_logits(model, batch)
+        torch.testing.assert_close(rows, logits[:, :-1][labels[:, 1:] != -100], atol=ATOL, rtol=0)
+        assert torch.equal(targets, labels[:, 1:][labels[:, 1:] != -100])
+        torch.testing.assert_close(F.cross_entropy(rows.float(), targets), reference, atol=ATOL, rtol=0)
 
 
 def _manual_greedy(model: torch.nn.Module, prompt: str, steps: int) -> str:

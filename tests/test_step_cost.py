@@ -13,7 +13,7 @@ from curvzo import scoring
 from curvzo.tasks import Example
 
 
-@pytest.mark.parametrize("name", ["mezo-newton", "full:mezo-newton"])
+@pytest.mark.parametrize("name", ["curvzo", "full:curvzo"])
 def test_the_newton_measurement_takes_newton_steps_on_its_closure(name):
     model = tiny_model("llama", seed=0)
     examples = [Example(f"review {i}: it was", (" bad", " good"), i % 2) for i in range(4)]

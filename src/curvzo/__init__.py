@@ -1,8 +1,8 @@
 """curvzo: memory-efficient zeroth-order fine-tuning of Hugging Face language models.
 
     >>> import curvzo
-    >>> opt = curvzo.CurvZO(model.parameters(), lr=1e-6, eps=1e-3, seed=0, model=model)
-    >>> loss = opt.step(lambda: loss_fn(model(**batch)))
+    >>> opt = curvzo.CurvZO(model.parameters(), seed=0, model=model)  # lr: 0.1 of the Newton step
+    >>> loss = opt.step(lambda: (loss_fn(logits := model(**batch).logits[:, -1, label_ids]), logits))
 
 Everything is loaded on first use: the optimizers import torch only, the harness (tasks, data,
 models, training loop) transformers too, so ``import curvzo`` (and ``curvzo --help``) stays cheap.

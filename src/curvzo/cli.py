@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .config import TrainConfig, load_config, load_yaml, parse_overrides
+from .config import LR_FIND_RANGE, TrainConfig, load_config, load_yaml, parse_overrides
 from .errors import (
     INPUT_ERROR_EXIT, ConfigError, CurvzoError, CurvzoWarning, RankFailed, TrainingDiverged, error_line,
 )
@@ -152,8 +152,9 @@ def _add_lr_find(sub: Any) -> None:
     find = sub.add_parser("lr-find", help="short lr range test: the largest lr that does not diverge, and a suggestion")
     find.add_argument("--config", help="YAML file of TrainConfig keys")
     find.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    find.add_argument("--lr-min", type=float, default=1e-7, help="smallest lr of the grid (default: %(default)g)")
-    find.add_argument("--lr-max", type=float, default=1e-3, help="largest lr of the grid (default: %(default)g)")
+    (rate_min, rate_max), (newton_min, newton_max) = LR_FIND_RANGE["rate"], LR_FIND_RANGE["newton"]
+    find.add_argument("--lr-min", type=float, help=f"smallest lr of the grid (default: {rate_min:g}, {newton_min:g} for a Newton step)")
+    find.add_argument("--lr-max", type=float, help=f"largest lr of the grid (default: {rate_max:g}, {newton_max:g} for a Newton step)")
     find.add_argument("--per-decade", type=int, default=2, help="grid values per factor of ten (default: %(default)s)")
     find.add_argument("--steps-per-lr", type=int, default=10, help="steps at each lr (default: %(default)s)")
     find.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -168,11 +169,13 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from .lrfind import lr_find, lr_grid
+    from .lrfind import default_range, lr_find, lr_grid
 
     _quiet_libraries()
     cfg = load_config(args.config, _config_overrides(args))
-    result = lr_find(cfg, lrs=lr_grid(args.lr_min, args.lr_max, args.per_decade), steps=args.steps_per_lr,
+    low, high = default_range(cfg)
+    lrs = lr_grid(low if args.lr_min is None else args.lr_min, high if args.lr_max is None else args.lr_max, args.per_decade)
+    result = lr_find(cfg, lrs=lrs, steps=args.steps_per_lr,
                      progress=not args.no_progress)
     print(f"{'lr':>8}  {'loss, last third':>16}  {'/ smallest lr':>13}")
     for trial in result.trials:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, CurvzoWarning
 from .model_options import DTYPES, PEFT_MODES
-from .optim import PARALLEL_MODES, PRESETS
+from .optim import NEWTON_FRACTION, PARALLEL_MODES, PRESETS, takes_newton_step
 from .optim import ROUNDINGS as ENGINE_ROUNDINGS
 from .optim._validate import is_int, is_real
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "ROUNDINGS", "DEFAULT_LR", "load_config", "load_yaml",
+    "TrainConfig", "METHODS", "ZO_METHODS", "FO_METHODS", "ROUNDINGS", "DEFAULT_LR", "LR_FIND_RANGE", "load_config", "load_yaml",
     "parse_overrides", "read_yaml_mapping",
 ]
 
@@ -50,7 +51,15 @@ PARALLELS: tuple[str, ...] = ("none", *PARALLEL_MODES)
 #: adapter value is the LoRA column's selection; FO values are the usual ones.
 DEFAULT_LR = {"zo": (5e-5, 1e-3), "adamw": (1e-5, 1e-4), "sgd": (1e-3, 1e-2),
               # ZO with the Newton step: lr is the fraction of the Newton step, the same for any mode
-              "newton": (0.1, 0.1)}
+              "newton": (NEWTON_FRACTION, NEWTON_FRACTION)}
+
+#: ``curvzo lr-find``'s default grid, (smallest, largest) lr by kind of step: a rate, or for a
+#: Newton step the fraction of the measured step taken, useful around 0.05-0.2 whatever the model.
+LR_FIND_RANGE = {"rate": (1e-7, 1e-3), "newton": (1e-2, 1.0)}
+
+#: Below this, an lr given to a Newton step is surely a rate meant for MeZO (the useful fractions
+#: measured are 0.05-0.2), and the run is warned.
+NEWTON_RATE_FLOOR = 1e-3
 
 
 def _help(text: str) -> dict[str, str]:
@@ -123,7 +132,7 @@ class TrainConfig:
     optimizer_options: dict = field(default_factory=dict, metadata=_help("extra ZO optimizer options"))
     embedding_rows: bool | None = field(
         default=None,
-        metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo only)"),
+        metadata=_help("ZO: one block per embedding row, perturbing only rows the batch can use (default: curvzo-sparse only)"),
     )
     parallel: str = field(
         default="none",
@@ -146,6 +155,10 @@ class TrainConfig:
         problems = self.problems()
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
+        if self.is_zo and self.newton and self.lr is not None and self.lr < NEWTON_RATE_FLOOR:
+            warnings.warn(f"lr {self.lr:g} is the fraction of the Newton step that `{self.method}` takes "
+                          f"(default {NEWTON_FRACTION}), not a rate: a MeZO-sized value barely moves the weights",
+                          CurvzoWarning, stacklevel=3)
 
     @property
     def is_zo(self) -> bool:
@@ -153,8 +166,8 @@ class TrainConfig:
 
     @property
     def newton(self) -> bool:
-        """Whether the ZO optimizer takes the Newton step (``optimizer_options: {newton: true}``)."""
-        return isinstance(self.optimizer_options, dict) and self.optimizer_options.get("newton") is True
+        """Whether the ZO optimizer takes the Newton step (``curvzo``, or ``optimizer_options: {newton: true}``)."""
+        return isinstance(self.optimizer_options, dict) and takes_newton_step(self.method, self.optimizer_options)
 
     def resolved_lr(self) -> float:
         """The learning rate the run uses: ``lr`` or the method's default for the mode."""
@@ -217,8 +230,8 @@ class TrainConfig:
         if not isinstance(self.optimizer_options, dict):
             out.append("`optimizer_options` must be a mapping")
         elif self.newton and self.objective != "loss":
-            out.append("`optimizer_options: {newton: true}` measures its curvature from the loss's logits "
-                       "(objective: loss)")
+            out.append(f"the Newton step of `{self.method}` measures its curvature from the loss's logits "
+                       f"(objective: loss, not {self.objective}; or method: mezo)")
         out += _device_problems(self.device)
         from .tracking import report_to_problem  # transformers is imported only for a value other than none
 

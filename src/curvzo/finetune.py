@@ -39,7 +39,7 @@ from .io import write_json
 from .models import (
     apply_peft, load_model, load_trainable, read_saved_weights, save_trainable, trainable_named_parameters,
 )
-from .optim import CurvZO, DistributedZO, ZOOptimizer, build_optimizer, decay_param_groups
+from .optim import DistributedZO, SparseCurvZO, ZOOptimizer, build_optimizer, decay_param_groups
 from .optim.distributed import replay_queries
 from .parallel import Ranks, full_weights, load_local, reshard, shard_model, start
 from .tasks import Example, TaskConfig, get_task, task_from_dict
@@ -140,9 +140,6 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, pro
         _say(progress, f"loading data and {cfg.model}")
         task, (train_set, dev_set, test_set), model, tokenizer, named = setup(cfg)
         optimizer = build_training_optimizer(cfg, model, named)
-        if getattr(optimizer, "newton", False) and task.output_type == "generate_until":
-            raise ConfigError(f"`optimizer_options: {{newton: true}}` needs a classification task; {task.name} "
-                              "is scored by generation")
     with ranks.together():  # only now, every rank ready: bad inputs above leave nothing behind
         run.prepare(cfg, resume=resume)
         state = _restore(run, named, optimizer) if resume else TrainState()
@@ -377,7 +374,7 @@ def _shard(
 
 
 def _uses_embedding_rows(cfg: TrainConfig) -> bool:
-    return cfg.embedding_rows if cfg.embedding_rows is not None else cfg.method == "curvzo"
+    return cfg.embedding_rows if cfg.embedding_rows is not None else cfg.method == "curvzo-sparse"
 
 
 def _row_param(model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]]) -> torch.nn.Parameter | None:
@@ -428,13 +425,17 @@ def take_step(
 
 def _zo_closure(optimizer: ZOOptimizer, model: torch.nn.Module, task: TaskConfig, batch: Any,
                 cfg: TrainConfig) -> Callable[[], Any]:
-    """The closure of a ZO step: the objective, or (loss, choice logits) for a Newton step."""
+    """The closure of a ZO step: the objective, or for a Newton step (loss, logits): the choice
+    logits of a classification task, the answer tokens' vocabulary logits of a generation task."""
     if not optimizer.newton:
         return lambda: objective(model, task, batch, cfg.objective)
 
     def loss_and_logits() -> tuple[torch.Tensor, torch.Tensor]:
-        logits = scoring.classification_logits(model, batch)
-        return torch.nn.functional.cross_entropy(logits, batch.targets), logits
+        if task.output_type == "generate_until":
+            logits, targets = scoring.answer_logits(model, batch)
+        else:
+            logits, targets = scoring.classification_logits(model, batch), batch.targets
+        return torch.nn.functional.cross_entropy(logits.float(), targets), logits
 
     return loss_and_logits
 
@@ -765,8 +766,8 @@ _LAYER = re.compile(r"(?:layers|h|layer)\.(\d+)\.")
 
 
 def _snapshot_scores(state: TrainState, optimizer: torch.optim.Optimizer, named: list) -> None:
-    """Mean CurvZO block score per layer, for the score heat map."""
-    if not isinstance(optimizer, CurvZO):
+    """Mean SparseCurvZO block score per layer, for the score heat map."""
+    if not isinstance(optimizer, SparseCurvZO):
         return
     names = {id(p): name for name, p in named}
     totals: dict[str, list[float]] = {}

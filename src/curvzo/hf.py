@@ -2,7 +2,7 @@
 
     from curvzo.hf import ZOTrainer, ZOTrainingArguments
 
-    args = ZOTrainingArguments("out", max_steps=1000, learning_rate=1e-5, zo_method="curvzo")
+    args = ZOTrainingArguments("out", max_steps=1000)  # zo_method="curvzo", learning_rate 0.1 of a Newton step
     ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev).train()
 
 ``ZOTrainer`` is a ``Trainer`` that overrides two public methods and copies none of Trainer's
@@ -41,7 +41,7 @@ from .config import ZO_METHODS, TrainConfig
 from .errors import ConfigError
 from .finetune import build_training_optimizer
 from .models import trainable_named_parameters
-from .optim import CurvZO, StepInfo, ZOOptimizer
+from .optim import NEWTON_FRACTION, SparseCurvZO, StepInfo, ZOOptimizer
 
 __all__ = ["ZOTrainer", "ZOTrainingArguments", "ZOStatsCallback", "TrainerOptimizer", "unwrap_zo", "zo_config"]
 
@@ -58,36 +58,44 @@ class ZOTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the ZO optimizer's settings (all ``zo_*``).
 
     ``learning_rate``, ``weight_decay`` and ``seed`` of ``TrainingArguments`` are the optimizer's
-    ``lr``, ``weight_decay`` and ``seed``. A plain ``TrainingArguments`` given to
-    :class:`ZOTrainer` means these defaults.
+    ``lr``, ``weight_decay`` and ``seed``; ``learning_rate`` defaults to the ZO method's own (for
+    ``curvzo`` 0.1, the fraction of the Newton step it takes, not a rate). A plain
+    ``TrainingArguments`` given to :class:`ZOTrainer` means these defaults, with its own
+    ``learning_rate``.
 
     Args:
         zo_method (str): a ZO preset of :data:`curvzo.optim.PRESETS` (default: ``"curvzo"``).
         zo_eps (float): perturbation scale of the two-point estimate (default: 1e-3).
         zo_rounding (str): how updates of bf16/fp16 weights are stored (default: ``"master"``).
         zo_embedding_rows (bool, optional): one block per row of a trainable input embedding, and
-            only the rows of the batch's tokens drawn (default: None, i.e. for ``curvzo`` when the
+            only the rows of the batch's tokens drawn (default: None, i.e. for ``curvzo-sparse`` when the
             embedding is not tied to the output head; see :meth:`ZOTrainer.active_blocks`).
         zo_options (dict | str, optional): further options of the optimizer class, as a dict or a
-            JSON string, e.g. ``{"pi_floor": 0.05}``.
+            JSON string, e.g. ``{"noise": "rademacher"}``.
     """
 
+    learning_rate: float | None = field(  # type: ignore[assignment]
+        default=None, metadata={"help": f"the ZO optimizer's lr (default: the method's; curvzo: {NEWTON_FRACTION} of the Newton step)"}
+    )
     zo_method: str = field(default=_HARNESS["method"].default, metadata={"help": f"ZO preset: {' | '.join(ZO_METHODS)}"})
     zo_eps: float = _like("eps")
     zo_rounding: str = _like("rounding")
     zo_embedding_rows: bool | None = _like("embedding_rows")
     zo_options: dict | str | None = field(
-        default=None, metadata={"help": 'further ZO optimizer options, a dict or a JSON string such as \'{"pi_floor": 0.05}\''}
+        default=None, metadata={"help": 'further ZO optimizer options, a dict or a JSON string such as \'{"noise": "rademacher"}\''}
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.zo_options, str):
             try:
                 self.zo_options = json.loads(self.zo_options)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"`zo_options` is not valid JSON ({err.msg}): {self.zo_options!r}") from None
-        zo_config(self)  # bad settings fail here, before a model or dataset is touched
+        # bad settings fail here, before a model or dataset is touched
+        if self.learning_rate is None:
+            self.learning_rate = zo_config(self).resolved_lr()
+        super().__post_init__()
+        zo_config(self)
 
 
 def _zo_setting(args: TrainingArguments, name: str) -> Any:
@@ -305,7 +313,8 @@ class ZOStatsCallback(TrainerCallback):
 
     ``zo_grad_abs``: mean |projected gradient|; ``zo_blocks``: mean blocks perturbed per step;
     ``zo_skipped``: non-finite steps skipped; ``zo_budget``: the budget fraction k/d of the last
-    step. CurvZO adds its block scores' ``zo_score_eff`` (effective number of blocks,
+    step. A Newton step (``curvzo``) adds ``zo_step_lr``, the mean lr its measured curvature gave
+    (the fraction ``lr`` over the curvature along z). SparseCurvZO adds its block scores' ``zo_score_eff`` (effective number of blocks,
     (sum s)^2 / sum s^2, as a fraction of all blocks: 1 when flat) and ``zo_score_top`` (the
     largest block's share of the total score). Trainer's ``grad_norm`` is dropped from the log: it
     is the norm of ``.grad``, which ZO training never creates.
@@ -322,6 +331,8 @@ class ZOStatsCallback(TrainerCallback):
         self._skipped = 0
         self._grad_abs = 0.0
         self._blocks = 0
+        self._step_lr = 0.0
+        self._steps_newton = 0
         self._last: tuple[ZOOptimizer, StepInfo] | None = None
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
@@ -336,6 +347,9 @@ class ZOStatsCallback(TrainerCallback):
             self._skipped += 1
         else:
             self._grad_abs += abs(info.grad)
+            if zo.newton:
+                self._step_lr += info.record.step_lr(0)
+                self._steps_newton += 1
         self._last = (zo, info)
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
@@ -361,7 +375,9 @@ class ZOStatsCallback(TrainerCallback):
             "zo_skipped": float(self._skipped),
             "zo_budget": info.budget,
         }
-        if isinstance(zo, CurvZO):
+        if self._steps_newton:
+            stats["zo_step_lr"] = self._step_lr / self._steps_newton
+        if isinstance(zo, SparseCurvZO):
             scores = zo.scores
             total = float(scores.sum())
             stats["zo_score_eff"] = total**2 / float((scores**2).sum()) / scores.numel()

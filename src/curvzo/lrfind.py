@@ -24,12 +24,17 @@ from dataclasses import dataclass, replace
 from tqdm.auto import tqdm
 
 from . import scoring
-from .config import TrainConfig
+from .config import LR_FIND_RANGE, TrainConfig
 from .errors import ConfigError
 from .finetune import active_blocks, build_training_optimizer, load_weights, setup, take_step, train_batch, weights_on_cpu
 from .optim import ZOOptimizer
 
-__all__ = ["Trial", "LrFindResult", "lr_grid", "lr_find"]
+__all__ = ["Trial", "LrFindResult", "default_range", "lr_grid", "lr_find"]
+
+
+def default_range(cfg: TrainConfig) -> tuple[float, float]:
+    """The grid's default (smallest, largest) lr for ``cfg``'s method (:data:`LR_FIND_RANGE`)."""
+    return LR_FIND_RANGE["newton" if cfg.is_zo and cfg.newton else "rate"]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Figures of a run folder (or several on one figure): loss and dev metric against forward
-passes, and for CurvZO the budget over time and a heat map of block scores by layer."""
+passes, and for SparseCurvZO the budget over time and a heat map of block scores by layer."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _plot_scores(snapshots: list[dict], path: Path) -> Path:
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
     ax.set_xticks(range(len(snapshots)), [s["step"] for s in snapshots], fontsize=7)
-    ax.set(xlabel="step", title="CurvZO mean block score by layer")
+    ax.set(xlabel="step", title="SparseCurvZO mean block score by layer")
     fig.colorbar(image, ax=ax)
     _save(fig, path)
     return path

@@ -54,6 +54,7 @@ __all__ = [
     "project",
     "lm_head",
     "classification_logits",
+    "answer_logits",
     "classification_loss",
     "accuracy",
     "majority_accuracy",
@@ -539,6 +540,19 @@ def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
     total = _continuation_logprobs(lm_head(model), hidden, batch.input_ids, batch.label_mask).sum()
     return -total / batch.label_mask.sum()
+
+
+def answer_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """``[tokens, vocab]`` logits at the positions that predict a gold answer token, and those tokens.
+
+    Their mean cross-entropy is :func:`lm_loss`; a Newton step measures its curvature from them
+    (the full-vocabulary projection runs only at the answer positions, as in :func:`lm_loss`).
+    """
+    _require(batch, ("lm",), "answer_logits")
+    check_fits(model, batch.max_length)
+    hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
+    predicts = batch.label_mask[:, 1:]
+    return project(lm_head(model), hidden[:, :-1][predicts]), batch.input_ids[:, 1:][predicts]
 
 
 # --------------------------------------------------------------------------------------------

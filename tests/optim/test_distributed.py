@@ -54,7 +54,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _optimizer(model: nn.Module, **options):
     defaults = {"lr": 1e-4, "eps": 1e-3, "seed": 3, "block_size": 4000, "dense_below": 100, "budget_every": 2}
-    return build_optimizer("curvzo", model.parameters(), model=model, **{**defaults, **options})
+    return build_optimizer("curvzo-sparse", model.parameters(), model=model, **{**defaults, **options})
 
 
 def _loss(model: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -216,6 +216,6 @@ def test_replay_rebuilds_a_query_run(options):
 ])
 def test_bad_inputs(kwargs, message):
     model = _net()
-    opt = build_optimizer("curvzo", model.parameters(), seed=0)  # no model=
+    opt = build_optimizer("curvzo-sparse", model.parameters(), seed=0)  # no model=
     with pytest.raises(ValueError, match=message):
         DistributedZO(opt, **kwargs)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from curvzo.optim import CurvZO, MeZO
+from curvzo.optim import SparseCurvZO, MeZO
 
 
 def _params(n: int = 12, size: int = 10, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -24,7 +24,7 @@ def _loss(params: list[torch.nn.Parameter]):
 
 
 def test_plain_estimators_write_no_divisor():
-    for opt in (MeZO(_params(), lr=1e-3), CurvZO(_params(), lr=1e-3), CurvZO(_params(), lr=1e-3, sampling="uniform")):
+    for opt in (MeZO(_params(), lr=1e-3), SparseCurvZO(_params(), lr=1e-3), SparseCurvZO(_params(), lr=1e-3, sampling="uniform")):
         for _ in range(3):
             opt.step(_loss(opt.param_groups[0]["params"]))
             assert opt.last_step.record.divisor is None
@@ -45,7 +45,7 @@ def test_normalize_divides_by_the_running_scale_of_g():
 
 def test_subspace_divides_every_block_by_the_expected_perturbed_fraction():
     params = [torch.nn.Parameter(torch.randn(s)) for s in (4, 40, 400, 8, 80)]
-    opt = CurvZO(params, lr=1e-3, correction="subspace", budget=0.4)
+    opt = SparseCurvZO(params, lr=1e-3, correction="subspace", budget=0.4)
     sizes = torch.tensor([4.0, 40, 400, 8, 80], dtype=torch.float64)
     for _ in range(10):
         pi = opt.inclusion_probabilities()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvzo.optim import CurvZO, MeZO
+from curvzo.optim import CurvZO, MeZO, SparseCurvZO
 from curvzo.optim._newton import FLOOR, MOMENTUM, gauss_newton_curvature
 
 
@@ -70,7 +70,7 @@ def test_the_step_divides_by_at_least_half_the_running_curvature():
     assert opt.state_dict()["state"][0]["curvature"] == running
 
 
-@pytest.mark.parametrize("cls", [MeZO, CurvZO])
+@pytest.mark.parametrize("cls", [MeZO, SparseCurvZO])
 def test_newton_steps_descend_replay_resume_and_stay_exact_at_lr_zero(cls):
     model, x, y = classifier()
     start = copy.deepcopy(model)
@@ -95,6 +95,19 @@ def test_newton_steps_descend_replay_resume_and_stay_exact_at_lr_zero(cls):
     still = cls(model.parameters(), lr=0.0, seed=7, model=model, newton=True)
     still.step(closure_of(model, x, y))
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
+
+
+def test_curvzo_is_mezo_with_the_newton_step_bit_for_bit():
+    model, x, y = classifier()
+    twin = copy.deepcopy(model)
+    flagship = CurvZO(model.parameters(), seed=3, model=model)
+    reference = MeZO(twin.parameters(), lr=0.1, seed=3, model=twin, newton=True)
+    for _ in range(5):
+        assert flagship.step(closure_of(model, x, y)) == reference.step(closure_of(twin, x, y))
+        assert flagship.last_step.record == reference.last_step.record
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    with pytest.raises(TypeError, match="newton"):
+        CurvZO(model.parameters(), newton=False)
 
 
 def test_a_newton_step_needs_a_closure_with_logits():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from curvzo.optim import PRESETS, CurvZO, MeZO, build_optimizer, decay_param_groups
+from curvzo.optim import NEWTON_FRACTION, PRESETS, CurvZO, MeZO, SparseCurvZO, build_optimizer, decay_param_groups
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,14 @@ class Case:
 
 CASES = [
     Case("mezo", MeZO),
-    Case("curvzo-pps", CurvZO),
-    Case("curvzo-multinomial", CurvZO, {"sampling": "multinomial"}),
-    Case("curvzo-uniform", CurvZO, {"sampling": "uniform"}),
-    Case("curvzo-square-explore-floor", CurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
-    Case("curvzo-fixed-rowblocks", CurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
-    Case("curvzo-dense-below", CurvZO, {"dense_below": 4, "block_size": 8}),
-    Case("curvzo-subspace-dense", CurvZO, {"correction": "subspace", "dense_below": 4, "block_size": 8}),
-    Case("curvzo-subspace-normalize", CurvZO, {"correction": "subspace", "normalize": True}),
+    Case("curvzo-pps", SparseCurvZO),
+    Case("curvzo-multinomial", SparseCurvZO, {"sampling": "multinomial"}),
+    Case("curvzo-uniform", SparseCurvZO, {"sampling": "uniform"}),
+    Case("curvzo-square-explore-floor", SparseCurvZO, {"feedback": "square", "explore_mix": "adaptive", "pi_floor": 0.05}),
+    Case("curvzo-fixed-rowblocks", SparseCurvZO, {"budget": 0.4, "block_size": 8, "normalize_by_numel": True}),
+    Case("curvzo-dense-below", SparseCurvZO, {"dense_below": 4, "block_size": 8}),
+    Case("curvzo-subspace-dense", SparseCurvZO, {"correction": "subspace", "dense_below": 4, "block_size": 8}),
+    Case("curvzo-subspace-normalize", SparseCurvZO, {"correction": "subspace", "normalize": True}),
     Case("mezo-normalize", MeZO, {"normalize": True}),
 ]
 IDS = [c.desc for c in CASES]
@@ -41,19 +41,19 @@ BAD_INPUTS = [
     (MeZO, {"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
     (MeZO, {"seed": 1.5}, TypeError, "seed must be an int"),
     (MeZO, {"block_size": 0}, ValueError, "Invalid block_size: 0"),
-    (CurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
-    (CurvZO, {"dense_below": -1}, ValueError, "Invalid dense_below: -1"),
-    (CurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling='pps'"),
-    (CurvZO, {"correction": "none"}, ValueError, "Invalid correction"),
+    (SparseCurvZO, {"sampling": "random"}, ValueError, "Invalid sampling: 'random'"),
+    (SparseCurvZO, {"dense_below": -1}, ValueError, "Invalid dense_below: -1"),
+    (SparseCurvZO, {"dense_below": 8, "sampling": "uniform"}, ValueError, "dense_below requires sampling='pps'"),
+    (SparseCurvZO, {"correction": "none"}, ValueError, "Invalid correction"),
     (MeZO, {"normalize": 1}, TypeError, "normalize must be a bool"),
-    (CurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
-    (CurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
-    (CurvZO, {"pi_floor": 0.1, "sampling": "uniform"}, ValueError, "pi_floor requires sampling='pps'"),
-    (CurvZO, {"budget": 0.0}, ValueError, "Invalid budget: 0.0"),
-    (CurvZO, {"budget": "fixed"}, ValueError, "Invalid budget: 'fixed'"),
-    (CurvZO, {"init_fraction": 1.5}, ValueError, "Invalid init_fraction: 1.5"),
-    (CurvZO, {"budget_every": 0}, ValueError, "Invalid budget_every: 0"),
-    (CurvZO, {"score_beta": 0.0}, ValueError, "Invalid score_beta: 0.0"),
+    (SparseCurvZO, {"feedback": "cube"}, ValueError, "Invalid feedback: 'cube'"),
+    (SparseCurvZO, {"explore_mix": 1.5}, ValueError, "Invalid explore_mix: 1.5"),
+    (SparseCurvZO, {"pi_floor": 0.1, "sampling": "uniform"}, ValueError, "pi_floor requires sampling='pps'"),
+    (SparseCurvZO, {"budget": 0.0}, ValueError, "Invalid budget: 0.0"),
+    (SparseCurvZO, {"budget": "fixed"}, ValueError, "Invalid budget: 'fixed'"),
+    (SparseCurvZO, {"init_fraction": 1.5}, ValueError, "Invalid init_fraction: 1.5"),
+    (SparseCurvZO, {"budget_every": 0}, ValueError, "Invalid budget_every: 0"),
+    (SparseCurvZO, {"score_beta": 0.0}, ValueError, "Invalid score_beta: 0.0"),
 ]
 
 
@@ -271,7 +271,7 @@ def test_hf_estimator_is_unbiased_for_every_sampling():
         coeffs = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
         true = torch.cat([c.flatten() for c in coeffs]).double()
         f = lambda: sum((c * p).sum() for c, p in zip(coeffs, params))
-        opt = CurvZO(params, lr=1.0, eps=1e-3, seed=11, sampling=sampling, budget=0.5)
+        opt = SparseCurvZO(params, lr=1.0, eps=1e-3, seed=11, sampling=sampling, budget=0.5)
         start = [p.detach().clone() for p in params]
         total = torch.zeros_like(true)
         squares = torch.zeros_like(true)
@@ -296,7 +296,7 @@ def test_adaptive_budget_stays_in_bounds(sampling):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, generator=g)) for _ in range(40)]
     f = lambda: sum((i + 1) ** 2 * (p**2).sum() for i, p in enumerate(params))
-    opt = CurvZO(params, lr=1e-4, seed=0, sampling=sampling, budget_every=5)
+    opt = SparseCurvZO(params, lr=1e-4, seed=0, sampling=sampling, budget_every=5)
     for _ in range(300):
         opt.step(f)
         assert 0.1 - 1e-12 <= opt.budget_fraction() <= 0.8 + 1e-12
@@ -309,13 +309,15 @@ def test_presets_cover_the_ablations():
     assert isinstance(build_optimizer("mezo", params), MeZO)
     with pytest.raises(ValueError, match="Unknown ZO method 'adam'"):
         build_optimizer("adam", params)
-    assert set(PRESETS) >= {"mezo", "curvzo", "curvzo-ref", "uniform-sparse", "curvzo-fixed"}
+    assert set(PRESETS) >= {"mezo", "curvzo", "curvzo-ref", "curvzo-sparse", "uniform-sparse", "curvzo-fixed"}
+    flagship = build_optimizer("curvzo", params)
+    assert isinstance(flagship, CurvZO) and flagship.newton and flagship.param_groups[0]["lr"] == NEWTON_FRACTION
 
 
 def test_dense_below_perturbs_small_blocks_every_step_and_samples_the_rest():
     small = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
     large = [torch.nn.Parameter(torch.zeros(100)) for _ in range(20)]
-    opt = CurvZO(small + large, lr=0.0, seed=0, dense_below=10, budget=0.25)
+    opt = SparseCurvZO(small + large, lr=0.0, seed=0, dense_below=10, budget=0.25)
     pi = opt.inclusion_probabilities()
     assert torch.equal(pi[:3], torch.ones(3, dtype=torch.float64))
     assert (pi[3:] < 1).all() and pi[3:].sum().item() == pytest.approx(5.0, abs=1e-6)  # 0.25 of the 20 large blocks
@@ -326,19 +328,19 @@ def test_dense_below_perturbs_small_blocks_every_step_and_samples_the_rest():
     active[[1, 5, 6]] = True
     pi = opt.inclusion_probabilities(active)
     assert pi[1] == 1.0 and pi[0] == 0.0 and pi[2] == 0.0 and (pi[7:] == 0).all()
-    everything_small = CurvZO(small, lr=0.0, dense_below=10)
+    everything_small = SparseCurvZO(small, lr=0.0, dense_below=10)
     assert torch.equal(everything_small.inclusion_probabilities(), torch.ones(3, dtype=torch.float64))
-    assert build_optimizer("curvzo", small).param_groups[0]["dense_below"] == 16384
+    assert build_optimizer("curvzo-sparse", small).param_groups[0]["dense_below"] == 16384
     assert build_optimizer("curvzo-ref", small).param_groups[0]["dense_below"] == 0
 
 
 def test_scores_stay_float64_across_bf16_state_dict():
     params = make_params(torch.bfloat16)
-    opt = CurvZO(params, lr=0.01, seed=0)
+    opt = SparseCurvZO(params, lr=0.01, seed=0)
     for _ in range(5):
         opt.step(quadratic(params))
     state = copy.deepcopy(opt.state_dict())
-    other = CurvZO([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.01)
+    other = SparseCurvZO([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.01)
     other.load_state_dict(state)
     assert other.scores.dtype == torch.float64
     assert torch.equal(other.scores, opt.scores)
@@ -458,7 +460,7 @@ def test_master_mode_is_a_no_op_for_fp32_and_at_lr_zero():
     assert not any("master" in opt.state[p] for p in params)
     bf16 = make_params(torch.bfloat16)
     before = [p.detach().clone() for p in bf16]
-    still = CurvZO(bf16, lr=0.0, eps=1e-2, seed=0, rounding="master")
+    still = SparseCurvZO(bf16, lr=0.0, eps=1e-2, seed=0, rounding="master")
     for _ in range(10):
         still.step(quadratic(bf16))
     assert all(torch.equal(p, b) for p, b in zip(bf16, before))
@@ -473,7 +475,7 @@ def test_adaptive_budget_is_computed_over_active_blocks_only():
     params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(50)]
     active = torch.zeros(50, dtype=torch.bool)
     active[:5] = True
-    opt = CurvZO(params, lr=0.0, seed=0)
+    opt = SparseCurvZO(params, lr=0.0, seed=0)
     state = opt._global_state()
     state["scores"][:5] = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # flat among the active
     k_before = state["k"]

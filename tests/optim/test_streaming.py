@@ -55,7 +55,7 @@ def _optimizer(method, model, streamed, row_blocks):
 CASES = [
     ("llama", {}, "mezo", False, _label_loss),
     ("llama", {"tie_word_embeddings": True}, "mezo", False, _label_loss),
-    ("llama", {"tie_word_embeddings": True}, "curvzo", True, _label_loss),
+    ("llama", {"tie_word_embeddings": True}, "curvzo-sparse", True, _label_loss),
     ("opt", {}, "curvzo-ref", False, _label_loss),
     ("llama", {}, "mezo", False, _full_logits_loss),
     ("gpt2", {}, "uniform-sparse", False, _full_logits_loss),
@@ -121,7 +121,7 @@ def test_a_closure_that_raises_leaves_the_model_as_it_was():
         assert "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
 
 
-@pytest.mark.parametrize("method,row_blocks", [("mezo", False), ("curvzo-ref", False), ("curvzo", True)])
+@pytest.mark.parametrize("method,row_blocks", [("mezo", False), ("curvzo-ref", False), ("curvzo-sparse", True)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_step_allocates_at_most_one_chunk_or_one_module(method, row_blocks, tied):
     """No tensor made during a step (forwards included) is larger than the chunk bound or the

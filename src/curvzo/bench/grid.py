@@ -82,7 +82,7 @@ class Grid:
     zero_shot: bool = True
     keep_weights: bool = False
     pack: bool = False  # move finished runs' records into <out>/runs.tar.gz after each `run_bench`
-    compare: tuple[str, str] = ("curvzo", "mezo")  # (method, baseline) labels of the summary
+    compare: tuple[str, str] = ("curvzo-sparse", "mezo")  # (method, baseline) labels of the summary
     base_out: Path | None = None  # the grid file's top-level `out`; a report's command names any other
     reuse: tuple[Path, ...] = ()  # other results folders whose finished runs of the same config count here
     step_cost: Path | None = None  # a benchmarks.step_cost JSON: quiet-machine step times for the wall-clock ratio
@@ -220,7 +220,7 @@ def _build_grid(
         model=str(v.get("model", _DEFAULT_MODEL)), data_dir=v.get("data_dir"),
         tasks=tasks, modes=modes, seeds=seeds, select_seeds=select, methods=methods, settings=settings,
         zero_shot=v.get("zero_shot", True), keep_weights=v.get("keep_weights", False), pack=v.get("pack", False),
-        compare=(compare.get("method", "curvzo"), compare.get("baseline", "mezo")),
+        compare=(compare.get("method", "curvzo-sparse"), compare.get("baseline", "mezo")),
         base_out=None if base_out is None else Path(base_out), reuse=reuse,
         step_cost=None if step_cost is None else Path(step_cost),
     )

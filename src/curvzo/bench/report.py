@@ -36,9 +36,12 @@ TARGETS = {"minus_baseline_points": 3.0, "tasks_won_fraction": 0.8, "forward_rat
            "default_lr_gap_points": 1.0}
 
 #: The ``benchmarks.step_cost`` measurement that times a harness run of each ZO method (the
-#: ``curvzo`` preset runs with embedding rows as blocks, restricted to the batch's rows); others
-#: are timed under their method's name.
-STEP_COST_NAME = {"curvzo": "curvzo+rows-active"}
+#: ``curvzo-sparse`` preset runs with embedding rows as blocks, restricted to the batch's rows);
+#: others are timed under their method's name.
+STEP_COST_NAME = {"curvzo-sparse": "curvzo-sparse+rows-active"}
+#: The measurement of a method run with ``optimizer_options: {newton: true}``: MeZO's Newton step
+#: is the ``curvzo`` preset's, bit for bit; other methods' Newton steps are not timed.
+NEWTON_STEP_COST_NAME = {"mezo": "curvzo"}
 
 #: A task is won (or lost) only when the test difference exceeds the larger of a floor in points
 #: and a multiple of its standard error over seeds, sqrt(sd_a^2 / n_a + sd_b^2 / n_b): a difference
@@ -112,7 +115,7 @@ def summarize(
     zero_shot: list[dict[str, Any]],
     *,
     tasks: Iterable[str],
-    method: str = "curvzo",
+    method: str = "curvzo-sparse",
     baseline: str = "mezo",
     mode: str = "full",
     zo_labels: Iterable[str] | None = None,
@@ -326,8 +329,8 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
 
 def step_seconds(grid: Grid) -> dict[str, float] | None:
     """Each ZO label's step time in ``grid.step_cost``: its method's median step with the label-only
-    closure (``<method>-newton`` for a Newton step: a label is timed only as it runs), or None
-    without a file."""
+    closure (a label is timed only as it runs: a Newton step by :data:`NEWTON_STEP_COST_NAME`), or
+    None without a file."""
     if grid.step_cost is None or not grid.step_cost.is_file():
         return None
     timings = json.loads(grid.step_cost.read_text())["timings"]
@@ -335,7 +338,7 @@ def step_seconds(grid: Grid) -> dict[str, float] | None:
     for spec in grid.methods:
         name = STEP_COST_NAME.get(spec.method, spec.method)
         if spec.settings.get("optimizer_options", {}).get("newton") is True:
-            name = f"{name}-newton"
+            name = NEWTON_STEP_COST_NAME.get(spec.method)
         if spec.is_zo and name in timings:
             seconds[spec.label] = timings[name]["median"]
     return seconds

@@ -13,7 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from ._modes import PARALLEL_MODES
-from ._options import NOISES, PRESETS, ROUNDINGS
+from ._options import NEWTON_FRACTION, NOISES, PRESETS, ROUNDINGS, takes_newton_step
 
 if TYPE_CHECKING:
     from ._noise import NOISE_VERSION
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from .distributed import DistributedZO
     from .mezo import MeZO
     from .optimizer import FallbackWarning, StepInfo, StepRecord, ZOOptimizer, decay_param_groups
+    from .sparse import SparseCurvZO
 
 __all__ = [
     "ZOOptimizer",
     "MeZO",
     "CurvZO",
+    "SparseCurvZO",
     "StepRecord",
     "StepInfo",
     "FallbackWarning",
@@ -36,6 +38,8 @@ __all__ = [
     "NOISES",
     "ROUNDINGS",
     "PRESETS",
+    "NEWTON_FRACTION",
+    "takes_newton_step",
     "PARALLEL_MODES",
     "DistributedZO",
     "build_optimizer",
@@ -44,7 +48,7 @@ __all__ = [
 _LAZY = {
     "ZOOptimizer": "optimizer", "StepRecord": "optimizer", "StepInfo": "optimizer", "decay_param_groups": "optimizer",
     "FallbackWarning": "optimizer",
-    "MeZO": "mezo", "CurvZO": "curvzo", "read_rows": "_stream", "NOISE_VERSION": "_noise",
+    "MeZO": "mezo", "CurvZO": "curvzo", "SparseCurvZO": "sparse", "read_rows": "_stream", "NOISE_VERSION": "_noise",
     "DistributedZO": "distributed",
 }
 

@@ -15,7 +15,7 @@ updates in the same order.
 * ``query``: q directions (q = the group size by default) are drawn one after another from the
   same state, rank r evaluates directions r, r + W, ... on the same batch, the (L+, L-) pairs are
   all-gathered (2 float64 per query, 3 with a Newton step's curvature) and every rank applies all
-  q updates in query order, then learns from each (CurvZO's scores and budget see all q records,
+  q updates in query order, then learns from each (SparseCurvZO's scores and budget see all q records,
   identically on every rank). One process with ``queries=q`` evaluates all q itself and is the
   reference a q-rank run equals bit for bit: the q-query step is q ordinary steps whose
   directions are all drawn, and whose losses are all evaluated, at the weights and statistics of
@@ -29,13 +29,13 @@ updates in the same order.
   module (the gathered copies are dropped after each forward so the next one sees the next
   perturbation), and the local originals are copied back afterwards: the stored weights return
   bit for bit, at the cost of a copy of this rank's part of the sampled blocks. Blocks' squared
-  noise norms, which CurvZO learns from, are summed over the ranks (one float64 per sampled block).
+  noise norms, which SparseCurvZO learns from, are summed over the ranks (one float64 per sampled block).
   Float32 weights only (the other dtypes' rounding state is per full tensor).
 
 Example::
 
     dist.init_process_group("gloo")                  # under torchrun
-    opt = CurvZO(model.parameters(), lr=1e-6, seed=0, model=model)
+    opt = MeZO(model.parameters(), lr=1e-6, seed=0, model=model)
     zo = DistributedZO(opt, "data")
     loss = zo.step(lambda: loss_fn(model(**my_share_of_the_batch)), weight=len(my_share))
 """
@@ -286,7 +286,7 @@ def _draws(optimizer: ZOOptimizer, active: torch.Tensor | None, queries: int) ->
     number, budget schedule), all from the statistics of the step's start.
 
     Each draw comes with the attributes it (re)assigned on the optimizer: what ``_sample`` leaves
-    for ``_commit`` (CurvZO's subspace correction reads every block's pi), restored before the draw's
+    for ``_commit`` (SparseCurvZO's subspace correction reads every block's pi), restored before the draw's
     record is learnt from.
     """
     state = optimizer._global_state()
