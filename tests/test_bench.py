@@ -323,7 +323,7 @@ def test_forward_ratio_divides_by_where_the_baseline_first_reaches_its_final():
 def test_the_wall_clock_ratio_is_the_forward_ratio_times_the_quiet_machine_step_time_ratio(tmp_path):
     records = [rec("sst2", "mezo", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7)]),
                rec("sst2", "curvzo-sparse", 1e-5, 0, 0.7, 0.7, [(0, 0.5), (50, 0.7)])]
-    timed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo-sparse"], step_seconds={"mezo": 2.0, "curvzo-sparse": 0.5})
+    timed = summarize(records, [], tasks=["sst2"], zo_labels=["mezo", "curvzo-sparse"], step_seconds={"mezo": [2.0, 4.0], "curvzo-sparse": [0.5, 1.0]})
     s = timed["summary"]
     assert s["forward_ratio_to_mezo_final"] == pytest.approx(0.5) and s["step_time_ratio"] == 0.25
     assert s["wall_ratio_to_mezo_final"] == pytest.approx(0.125) and s["targets_met"]["wall_ratio"]
@@ -334,13 +334,19 @@ def test_the_wall_clock_ratio_is_the_forward_ratio_times_the_quiet_machine_step_
     grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
                                 methods={"mezo": {"lr": {"full": [1e-5]}}, "curvzo-sparse": {"lr": {"full": [1e-5]}},
                                          "adamw": {"lr": {"full": [1e-5]}}}))
-    assert step_seconds(grid) == {"mezo": 2.0, "curvzo-sparse": 1.0}  # the harness's curvzo-sparse runs restrict rows
+    assert step_seconds(grid) == {"mezo": [2.0], "curvzo-sparse": [1.0]}  # the harness's curvzo-sparse runs restrict rows
     newton = {"method": "mezo", "lr": {"full": [0.1]}, "set": {"optimizer_options": {"newton": True}}}
     grid = load_grid(write_grid(tmp_path, step_cost=str(tmp_path / "step_cost.json"),
                                 methods={"mezo": {"lr": {"full": [1e-5]}}, "mezo-newton": newton}))
-    assert step_seconds(grid) == {"mezo": 2.0}  # a Newton step is not timed by MeZO's plain step
-    (tmp_path / "step_cost.json").write_text(json.dumps({"timings": {"mezo": {"median": 2.0}, "curvzo": {"median": 2.2}}}))
-    assert step_seconds(grid) == {"mezo": 2.0, "mezo-newton": 2.2}  # MeZO's Newton step is the curvzo preset's
+    assert step_seconds(grid) == {"mezo": [2.0]}  # a Newton step is not timed by MeZO's plain step
+    (tmp_path / "step_cost.json").write_text(json.dumps({"timings": {"mezo": {"median": 2.0}, "curvzo": {"median": 2.2}},
+                                                         "timings_per_round": {"mezo": [2.0, 3.0, 1.0], "curvzo": [2.2, 2.7, 1.1]}}))
+    assert step_seconds(grid) == {"mezo": [2.0, 3.0, 1.0], "mezo-newton": [2.2, 2.7, 1.1]}  # the curvzo preset's step
+    records = [rec("sst2", "mezo", 0.1, 0, 0.7, 0.7, [(0, 0.5), (100, 0.7)]),
+               rec("sst2", "mezo-newton", 0.1, 0, 0.7, 0.7, [(0, 0.5), (50, 0.7)])]
+    paired = summarize(records, [], tasks=["sst2"], method="mezo-newton", zo_labels=["mezo", "mezo-newton"],
+                       step_seconds=step_seconds(grid))["summary"]
+    assert paired["step_time_ratio"] == pytest.approx(1.1)  # rounds' ratios 1.1, 0.9, 1.1: their median
 
 
 def test_lr_selection_uses_seeds_every_lr_has():

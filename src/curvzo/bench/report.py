@@ -120,7 +120,7 @@ def summarize(
     mode: str = "full",
     zo_labels: Iterable[str] | None = None,
     unfinished_sweeps: Iterable[tuple[str, str, str]] = (),
-    step_seconds: dict[str, float] | None = None,
+    step_seconds: dict[str, list[float]] | None = None,
     default_lrs: dict[str, float] | None = None,
     fixed_lrs: dict[tuple[str, str], float] | None = None,
 ) -> dict[str, Any]:
@@ -131,9 +131,10 @@ def summarize(
     (100 x metric); the forward ratio compares seed-averaged dev curves of the selected lrs.
     ``unfinished_sweeps``: the (task, label, mode) cells whose lr sweep has runs still to finish;
     they are shown (``sweep_finished`` false) but neither compared nor compared against.
-    ``step_seconds``: a step's time per label on a quiet machine; the wall-clock ratio to reach the
-    baseline's final dev accuracy is the forward ratio times the two labels' step-time ratio
-    (logged step times of runs that shared a machine do not time honestly).
+    ``step_seconds``: a step's time per label on a quiet machine, one per round of measurements
+    taken side by side; the wall-clock ratio to reach the baseline's final dev accuracy is the
+    forward ratio times the median over rounds of the two labels' step-time ratio (logged step
+    times of runs that shared a machine do not time honestly; a round's load hits both labels).
     ``default_lrs``: the lr each label runs at when none is given; where ``method``'s is in its
     sweep, its test on the selection seeds is set against the dev-selected lr's. ``fixed_lrs``:
     (label, mode) -> the lr its row reports in place of the dev selection (a grid's ``fixed_lr``).
@@ -257,7 +258,7 @@ def _forward_reach(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float 
 
 
 def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str],
-            step_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+            step_seconds: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """``label`` against ``baseline`` in ``mode``, over the tasks where both have results; the
     forward ratio for ZO labels only (a first-order step is not two forwards), and the wall-clock
     ratio where ``step_seconds`` times both labels (see :func:`summarize`)."""
@@ -284,7 +285,7 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str]
     median = statistics.median(ratios) if ratios else None
     median = None if median is None or math.isinf(median) else median
     seconds = step_seconds or {}
-    time_ratio = seconds[label] / seconds[baseline] if label in seconds and baseline in seconds else None
+    time_ratio = _time_ratio(seconds[label], seconds[baseline]) if label in seconds and baseline in seconds else None
     return {
         "minus_baseline_mean": statistics.fmean(diffs) if diffs else None,
         "tasks_won": sum(t["won"] for t in per_task.values()),
@@ -295,6 +296,14 @@ def _versus(rows: list[dict], label: str, baseline: str, mode: str, zo: set[str]
         "forward_ratio_reached": sum(math.isfinite(r) for r in ratios), "forward_ratio_tasks": len(ratios),
         "per_task": per_task,
     }
+
+
+def _time_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over rounds of ours / theirs where both were timed in the same rounds, else the ratio
+    of their medians."""
+    if len(ours) == len(theirs):
+        return statistics.median(a / b for a, b in zip(ours, theirs))
+    return statistics.median(ours) / statistics.median(theirs)
 
 
 def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
@@ -327,20 +336,21 @@ def majority_baseline(grid: Grid, task: str) -> dict[str, Any] | None:
             "test_std": _sample_std(scores["test"]), "seeds": list(grid.seeds), "tests": scores["test"]}
 
 
-def step_seconds(grid: Grid) -> dict[str, float] | None:
-    """Each ZO label's step time in ``grid.step_cost``: its method's median step with the label-only
-    closure (a label is timed only as it runs: a Newton step by :data:`NEWTON_STEP_COST_NAME`), or
-    None without a file."""
+def step_seconds(grid: Grid) -> dict[str, list[float]] | None:
+    """Each ZO label's step times in ``grid.step_cost``, one per round: its method's step with the
+    label-only closure (a label is timed only as it runs: a Newton step by
+    :data:`NEWTON_STEP_COST_NAME`), or None without a file."""
     if grid.step_cost is None or not grid.step_cost.is_file():
         return None
-    timings = json.loads(grid.step_cost.read_text())["timings"]
+    result = json.loads(grid.step_cost.read_text())
+    timings, rounds = result["timings"], result.get("timings_per_round", {})
     seconds = {}
     for spec in grid.methods:
         name = STEP_COST_NAME.get(spec.method, spec.method)
         if spec.settings.get("optimizer_options", {}).get("newton") is True:
             name = NEWTON_STEP_COST_NAME.get(spec.method)
         if spec.is_zo and name in timings:
-            seconds[spec.label] = timings[name]["median"]
+            seconds[spec.label] = rounds.get(name) or [timings[name]["median"]]
     return seconds
 
 
@@ -518,7 +528,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"{_ratio_text(s['forward_ratio_to_mezo_final'], s['forward_ratio_tasks'])} (target ≤ {TARGETS['forward_ratio']}); per task: {per_task or 'n/a'}.",
         f"- **Wall-clock to reach it**, {s['method']} / {s['baseline']}: "
         + (f"median {_fmt(s['wall_ratio_to_mezo_final'], '.2f')} (target ≤ {TARGETS['wall_ratio']}): the forward ratio times "
-           f"the step-time ratio {_fmt(s['step_time_ratio'], '.2f')} measured side by side on a quiet machine by "
+           f"the step-time ratio {_fmt(s['step_time_ratio'], '.2f')} (median over rounds) measured side by side on a quiet machine by "
            f"`benchmarks.step_cost` ({grid.step_cost}), not the runs' logged times (they shared the machine)."
            if s["step_time_ratio"] is not None else "n/a (`benchmarks.step_cost` has not timed both methods' steps on a quiet machine for this profile)."),
         _default_lr_text(s),
