@@ -78,6 +78,7 @@ CASES = [
     ("missing-config", lambda m, d, r: ["--config", str(r.parent / "nope.yaml")], "config file not found"),
     ("unknown-device", lambda m, d, r: ["--device", "tpu"], "`device` must be auto, cpu, cuda or cuda:N"),
     ("absent-gpu", lambda m, d, r: ["--device", "cuda:99"], "is not available on this machine"),
+    ("newton-without-loss", lambda m, d, r: ["--objective", "accuracy"], "the Newton step of `curvzo` measures its curvature"),
 ]
 
 
