@@ -52,7 +52,7 @@ def test_yaml_reads_exponents_without_a_dot_as_numbers_in_files_and_overrides(tm
     from curvzo.config import load_config, parse_overrides
 
     path = tmp_path / "run.yaml"
-    path.write_text("lr: 1e-5\neps: 1.0e-3\nweight_decay: 2E-2\noptimizer_options: {pi_floor: 5e-2}\n")
+    path.write_text("method: curvzo-sparse\nlr: 1e-5\neps: 1.0e-3\nweight_decay: 2E-2\noptimizer_options: {pi_floor: 5e-2}\n")
     cfg = load_config(path, parse_overrides(["eps=3e-4"]))
     assert (cfg.lr, cfg.eps, cfg.weight_decay, cfg.optimizer_options) == (1e-5, 3e-4, 2e-2, {"pi_floor": 5e-2})
     assert parse_overrides(["model=1e5x", "seed=7"]) == {"model": "1e5x", "seed": 7}  # only whole numbers convert

@@ -83,7 +83,9 @@ class TrainConfig:
     method: str = field(default="curvzo", metadata=_help(f"one of {', '.join(METHODS)}"))
     peft: str = field(default="none", metadata=_help(" | ".join(PEFT_MODES)))
     steps: int = field(default=60, metadata=_help("optimizer steps"))
-    lr: float | None = field(default=None, metadata=_help("learning rate (default: per method, DEFAULT_LR)"))
+    lr: float | None = field(default=None, metadata=_help(
+        f"learning rate; for a Newton step (curvzo) the fraction of the step taken (default: per method, "
+        f"DEFAULT_LR: curvzo {DEFAULT_LR['newton'][0]:g}, mezo {DEFAULT_LR['zo'][0]:g})"))
     eps: float = field(default=1e-3, metadata=_help("ZO perturbation scale"))
     weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay (not on biases/norms)"))
     batch_size: int = field(default=16, metadata=_help("training examples per step"))
