@@ -91,11 +91,10 @@ class ZOTrainingArguments(TrainingArguments):
                 self.zo_options = json.loads(self.zo_options)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"`zo_options` is not valid JSON ({err.msg}): {self.zo_options!r}") from None
-        # bad settings fail here, before a model or dataset is touched
+        cfg = zo_config(self)  # bad settings fail here, before a model or dataset is touched
         if self.learning_rate is None:
-            self.learning_rate = zo_config(self).resolved_lr()
+            self.learning_rate = cfg.resolved_lr()
         super().__post_init__()
-        zo_config(self)
 
 
 def _zo_setting(args: TrainingArguments, name: str) -> Any:
