@@ -400,6 +400,7 @@ def test_a_cell_with_an_unfinished_lr_sweep_is_shown_but_never_compared(tmp_path
     md = (grid.out / "accuracy.md").read_text()
     assert "| curvzo-sparse | full | 90.0 (n=1)† | – |" in md and "| curvzo-sparse | full | 1e-4† |" in md
     assert "| mezo | full | 70.0 (n=1) | 70.0 |" in md and "† lr sweep unfinished" in md  # curvzo: no average
+    assert "| zero-shot |" not in md  # the grid ran no zero-shot evaluation: no row of dashes
     fake_results(runs["curvzo-sparse", 1e-5].path, best_dev=0.5, test=0.50, evals=[(100, 0.5)], method="curvzo-sparse")
     run_bench(grid, aggregate_only=True, log=lambda line: None)
     s = json.loads((grid.out / "accuracy.json").read_text())["summary"]

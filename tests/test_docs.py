@@ -91,6 +91,7 @@ def test_the_readme_is_short_and_its_summary_is_generated() -> None:
     text = (REPO / "README.md").read_text()
     assert len(text.splitlines()) <= 220
     assert "<!-- accuracy-table:begin benchmarks/results/long/accuracy.md -->\n| method |" in text
+    assert "<!-- accuracy:begin benchmarks/results/newton/accuracy.md -->\nRuns used: " in text  # the flagship's
 
 
 def test_the_readme_block_follows_its_marker_and_keeps_the_rest(tmp_path) -> None:

@@ -485,7 +485,8 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         return f"{100 * statistics.fmean(c['test_mean'] for c in cells):.1f}" if complete else "–"
 
     zs = [r["zero_shot"] for r in rows]
-    lines.append("| zero-shot | – | " + " | ".join(_pm(z, nseeds) for z in zs) + f" | {avg(zs)} |")
+    if any(zs):  # a profile without zero-shot evaluations points to the table that has them
+        lines.append("| zero-shot | – | " + " | ".join(_pm(z, nseeds) for z in zs) + f" | {avg(zs)} |")
     floors = [r.get("majority") for r in rows]
     if any(floors):
         lines.append("| majority label | – | " + " | ".join(_pm(f, nseeds) for f in floors) + f" | {avg(floors)} |")
