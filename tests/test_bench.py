@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -555,6 +557,25 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_dir, data_dir, tmp_
     report = run_bench(grid, log=lambda line: None)
     assert report.failed == ["sst2/mezo-full-lr1e-3-s0", "sst2/curvzo-sparse-full-lr1e-3-s0"]
     assert "RuntimeError: boom" in (plan(grid)[0][0].path / "error.txt").read_text()
+
+
+def test_the_report_shows_the_lr_the_newton_steps_curvature_gave_beside_the_baselines_selection(tiny_dir, data_dir, tmp_path):
+    grid = load_grid(tiny_grid(tmp_path, tiny_dir, data_dir, steps=3, eval_every=3, zero_shot=False,
+                               compare={"method": "curvzo", "baseline": "mezo"},
+                               methods={"mezo": {"lr": {"full": [1e-3]}}, "curvzo": {"lr": {"full": [0.05, 0.1]}}}))
+    run_bench(grid, log=lambda line: None)
+    doc = json.loads((grid.out / "accuracy.json").read_text())
+    rows = {r["lr"]: r for r in doc["newton_step_lrs"]}
+    assert set(rows) == {0.05, 0.1} and {r["method"] for r in rows.values()} == {"curvzo"}  # mezo takes no Newton step
+    run = next(r for r in plan(grid)[0] if r.label == "curvzo" and r.lr == 0.1)
+    log = [json.loads(line) for line in run.record("log.jsonl").decode().splitlines() if "step_lr" in line]
+    taken = [e["step_lr"] for e in log if not e["skipped"]]
+    assert all(e["step_lr"] == pytest.approx(0.1 / e["curvature"]) for e in log if not e["skipped"])
+    assert rows[0.1]["step_lr_median"] == pytest.approx(statistics.median(taken))
+    assert rows[0.1]["step_lr_p10"] <= rows[0.1]["step_lr_median"] <= rows[0.1]["step_lr_p90"]
+    md = (grid.out / "accuracy.md").read_text()
+    assert "| task | method | mode | 5e-2 | 1e-1 | mezo (selected) |" in md
+    assert re.search(r"\| sst2 \| curvzo \| full \| [0-9.e-]+ \([0-9.e-]+-[0-9.e-]+\) \| [0-9.e-]+ \(.*\) \| 1e-3 \|", md)
 
 
 # ---------------------------------------------------------------------- finished runs packed into runs.tar.gz

@@ -403,7 +403,7 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     document = {
         "grid": str(grid.path), "profile": grid.profile, "model": grid.model,
         "command": _command(grid), "settings": grid.settings, "summary": data["summary"], "tasks": data["tasks"],
-        "figures": [p.name for p in figures], "runs": used,
+        "figures": [p.name for p in figures], "runs": used, "newton_step_lrs": newton_step_lrs(grid),
         "zero_shot_runs": [{"task": z["task"], "seed": z["seed"], "dev": z["results"]["dev"], "test": z["results"]["test"]}
                            for z in zero_shot],
     }
@@ -412,6 +412,25 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     log(f"aggregated {len(records)} of {grid.expected_runs()} runs (+{len(zero_shot)} zero-shot) into {out}: "
         f"{_headline(s)}")
     return paths, s
+
+
+def newton_step_lrs(grid: Grid) -> list[dict[str, Any]]:
+    """Where the Newton step's curvature put each finished Newton run of the plan: the lr of the
+    plain ZO update that each of its steps equals (fraction / curvature along z), as the median and
+    the 10th and 90th percentiles over the run's steps. Set beside the baseline's swept lrs, it
+    shows what the fraction replaces."""
+    rows = []
+    for run in plan(grid)[0]:
+        if run.label == ZERO_SHOT or not run.config.newton or not run.done or (log := run.record("log.jsonl")) is None:
+            continue
+        entries = (json.loads(line) for line in log.decode().splitlines() if line.strip())
+        lrs = [e["step_lr"] for e in entries if "step_lr" in e and not e.get("skipped")]
+        if len(lrs) < 2:
+            continue
+        deciles = statistics.quantiles(lrs, n=10)
+        rows.append({"task": run.task, "method": run.label, "mode": run.mode, "lr": run.lr, "seed": run.seed,
+                     "step_lr_median": statistics.median(lrs), "step_lr_p10": deciles[0], "step_lr_p90": deciles[-1]})
+    return rows
 
 
 def _command(grid: Grid) -> str:
@@ -511,6 +530,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         lines += ["", "(fixed): the method's own lr (the grid's `fixed_lr`), run on every seed and reported whatever "
                       "the dev selection; its sweep measures only how far a selection would move it."]
     lines += _sweep_table(grid, rows)
+    lines += _newton_lr_table(grid, doc)
     per_task = ", ".join(
         f"{t} {'not reached' if v['reached'] is False else _fmt(v['forward_ratio'], '.2f')}"
         + (f" ({s['baseline']} did not improve on zero-shot)" if v["baseline_improved"] is False else "")
@@ -575,6 +595,39 @@ def _sweep_table(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
         texts = [_sweep_text(tried.get(lr), lr == selected) if lr in spec.lr[mode] else "" for lr in lrs]
         lines.append(f"| {task} | {spec.label} | {mode} | " + " | ".join(texts) + " |")
     return lines
+
+
+def _newton_lr_table(grid: Grid, doc: dict[str, Any]) -> list[str]:
+    """The Newton runs' step lrs on their selection seeds, per fraction, beside the baseline's selected lr."""
+    runs = doc["newton_step_lrs"]
+    if not runs:
+        return []
+    baseline = grid.compare[1]
+    by_task = {row["task"]: row for row in doc["tasks"]}
+    cells = sorted({(r["task"], r["method"], r["mode"]) for r in runs}, key=lambda c: grid.tasks.index(c[0]))
+    fractions = sorted({r["lr"] for r in runs})
+    lines = ["", f"Newton step's lr: the {baseline} lr that each update equals (fraction / curvature along z), median over "
+                 "the run's steps (10th-90th percentile), on the selection seeds, beside the lr that "
+                 f"{baseline}'s sweep selected:",
+             "", "| task | method | mode | " + " | ".join(format_lr(f) for f in fractions) + f" | {baseline} (selected) |",
+             "|" + " --- |" * (len(fractions) + 4)]
+    for task, label, mode in cells:
+        spec = next(s for s in grid.methods if s.label == label)
+        seeds = grid.selection_seeds(spec.lr[mode])
+        texts = []
+        for fraction in fractions:
+            on = [r for r in runs if (r["task"], r["method"], r["mode"], r["lr"]) == (task, label, mode, fraction)
+                  and r["seed"] in seeds]
+            texts.append("; ".join(f"{_two_digits(r['step_lr_median'])} ({_two_digits(r['step_lr_p10'])}-"
+                                   f"{_two_digits(r['step_lr_p90'])})" for r in sorted(on, key=lambda r: r["seed"])) or "–")
+        cell = by_task[task]["methods"].get(baseline, {}).get(mode)
+        lines.append(f"| {task} | {label} | {mode} | " + " | ".join(texts)
+                     + f" | {format_lr(cell['lr']) if _comparable(cell) else '–'} |")
+    return lines
+
+
+def _two_digits(lr: float) -> str:
+    return format_lr(float(f"{lr:.1e}"))
 
 
 def _sweep_text(candidate: dict[str, Any] | None, selected: bool) -> str:
