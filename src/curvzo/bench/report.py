@@ -24,7 +24,7 @@ from typing import Any
 from ..config import FO_METHODS, ZO_METHODS
 from ..io import atomic_write, write_json, write_text
 from .grid import ZERO_SHOT, Grid, format_lr, select_lr
-from .runs import all_runs, plan, selection, training_run, zero_shot_run
+from .runs import Run, all_runs, plan, selection, training_run, zero_shot_run
 from .store import RECORDS
 
 __all__ = ["TARGETS", "WIN_TOLERANCE", "aggregate", "forward_to_reach", "majority_baseline", "summarize", "win_tolerance"]
@@ -368,7 +368,8 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     """accuracy.json, accuracy.md and figures in ``grid.out`` from the finished runs (a partial grid works)."""
     # A seed run at an lr that is no longer its cell's selection (the lr grid grew after it ran)
     # stays on disk and in accuracy.json, but no table or count of the grid uses it.
-    planned = {run.path for run in plan(grid)[0]}
+    planned_runs = plan(grid)[0]
+    planned = {run.path for run in planned_runs}
     records, zero_shot, used = [], [], []
     for run in all_runs(grid):
         if not run.done:
@@ -403,7 +404,7 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     document = {
         "grid": str(grid.path), "profile": grid.profile, "model": grid.model,
         "command": _command(grid), "settings": grid.settings, "summary": data["summary"], "tasks": data["tasks"],
-        "figures": [p.name for p in figures], "runs": used, "newton_step_lrs": newton_step_lrs(grid),
+        "figures": [p.name for p in figures], "runs": used, "newton_step_lrs": newton_step_lrs(planned_runs),
         "zero_shot_runs": [{"task": z["task"], "seed": z["seed"], "dev": z["results"]["dev"], "test": z["results"]["test"]}
                            for z in zero_shot],
     }
@@ -414,13 +415,13 @@ def aggregate(grid: Grid, *, log: Callable[[str], None] = print) -> tuple[list[P
     return paths, s
 
 
-def newton_step_lrs(grid: Grid) -> list[dict[str, Any]]:
-    """Where the Newton step's curvature put each finished Newton run of the plan: the lr of the
+def newton_step_lrs(planned: Iterable[Run]) -> list[dict[str, Any]]:
+    """Where the Newton step's curvature put each finished Newton run of the grid's plan: the lr of the
     plain ZO update that each of its steps equals (fraction / curvature along z), as the median and
     the 10th and 90th percentiles over the run's steps. Set beside the baseline's swept lrs, it
     shows what the fraction replaces."""
     rows = []
-    for run in plan(grid)[0]:
+    for run in planned:
         if run.label == ZERO_SHOT or not run.config.newton or not run.done or (log := run.record("log.jsonl")) is None:
             continue
         entries = (json.loads(line) for line in log.decode().splitlines() if line.strip())
