@@ -58,6 +58,7 @@ BAD_GRIDS = [
     ({"methods": {"mezo": {"lr": {"full": [0, "x"]}}}}, r"methods.mezo.lr.full` must hold positive numbers"),
     ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "set": {"seed": 3}}}}, r"key\(s\) seed cannot be set per method"),
     ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "colour": 1}}}, r"methods.mezo`: unknown key\(s\) colour"),
+    ({"methods": {"mezo": {"lr": {"full": [1e-3]}, "seeds": [5]}}}, r"`methods.mezo.seeds` \[5\] must be a subset"),
     ({"steps": 0}, r"methods.mezo \(full\): `steps` must be an integer >= 1"),
     ({"methods": {}}, r"`methods` must be a non-empty mapping"),
     ({"out": None}, r"no results folder: set `out` in the grid or pass one"),
@@ -146,6 +147,19 @@ def test_select_seeds_runs_every_lr_on_seed_0_then_the_dev_selected_lr(tmp_path)
         fake_results(run.path, best_dev=dev, test=dev)
     runs, waiting = plan(grid)
     assert [(r.lr, r.seed) for r in runs[3:]] == [(1e-4, 1), (1e-4, 2)] and waiting == 0
+
+
+def test_a_method_with_its_own_seeds_runs_its_sweep_and_selection_on_those_only(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[0, 1, 2], select_seeds=[1], zero_shot=False, methods={
+        "mezo": {"lr": {"full": [1e-5, 1e-4]}}, "adamw": {"lr": {"full": [1e-5, 1e-4]}, "seeds": [0, 2]}}))
+    assert grid.expected_runs() == (2 + 2) + (2 * 2)  # adamw: no selection seed of its own, so both sweep
+    adamw = [r for r in plan(grid)[0] if r.label == "adamw"]
+    assert [(r.lr, r.seed) for r in adamw] == [(1e-5, 0), (1e-5, 2), (1e-4, 0), (1e-4, 2)]
+    for run in adamw:
+        fake_results(run.path, best_dev=0.9, test=0.9, evals=[(100, 0.9)])
+    assert [r for r in plan(grid)[0] if r.label == "adamw"] == adamw and plan(grid)[1] == 2  # mezo's seeds wait
+    run_bench(grid, aggregate_only=True, log=lambda line: None)
+    assert "Run on fewer seeds (the method's `seeds`): adamw on seeds [0, 2]." in (grid.out / "accuracy.md").read_text()
 
 
 def test_a_fixed_lr_runs_the_other_seeds_and_is_reported_whatever_the_dev_selection(tmp_path):

@@ -35,7 +35,7 @@ ZERO_SHOT = "zero-shot"
 _GRID_KEYS = {"tasks", "methods", "modes", "seeds", "select_seeds", "eps", "zero_shot", "keep_weights", "pack",
               "compare", "out", "model", "data_dir", "reuse", "step_cost"}
 _TOP_ONLY = {"profiles", "default_profile"}
-_METHOD_KEYS = {"method", "lr", "fixed_lr", "tasks", "modes", "eps", "set"}
+_METHOD_KEYS = {"method", "lr", "fixed_lr", "tasks", "modes", "seeds", "eps", "set"}
 # TrainConfig fields the grid sets per run: not allowed as settings or in a method's `set`.
 _CONTROLLED = {"task", "method", "peft", "lr", "seed", "output_dir", "eps", "model", "data_dir"}
 _SETTINGS = set(TrainConfig.__dataclass_fields__) - _CONTROLLED
@@ -53,6 +53,7 @@ class MethodSpec:
     eps: dict[str, float]  # mode -> perturbation scale
     tasks: tuple[str, ...]
     modes: tuple[str, ...]
+    seeds: tuple[int, ...]  # the grid's, or a subset (`seeds:`): e.g. a reference row run on fewer seeds
     settings: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig keys (`set:`)
     #: mode -> the lr the other seeds run and the table reports instead of the dev selection
     #: (`fixed_lr:`): a method meant to run without a sweep, at its default; its sweep on the
@@ -87,8 +88,11 @@ class Grid:
     reuse: tuple[Path, ...] = ()  # other results folders whose finished runs of the same config count here
     step_cost: Path | None = None  # a benchmarks.step_cost JSON: quiet-machine step times for the wall-clock ratio
 
-    def selection_seeds(self, lrs: tuple[float, ...]) -> tuple[int, ...]:
-        return self.select_seeds if len(lrs) > 1 else self.seeds
+    def selection_seeds(self, spec: MethodSpec, lrs: tuple[float, ...]) -> tuple[int, ...]:
+        """The seeds every lr of ``spec`` runs on: the grid's selection seeds among the method's own
+        (all of its own when it has none of them), or all of its own for a single lr."""
+        chosen = tuple(s for s in self.select_seeds if s in spec.seeds) or spec.seeds
+        return chosen if len(lrs) > 1 else spec.seeds
 
     def cells(self) -> Iterator[tuple[str, MethodSpec, str]]:
         """(task, method, mode) in grid order: task-major, so early tasks finish first."""
@@ -103,8 +107,8 @@ class Grid:
         total = 0
         for _, spec, mode in self.cells():
             lrs = spec.lr[mode]
-            chosen = self.selection_seeds(lrs)
-            total += len(lrs) * len(chosen) + len(self.seeds) - len(chosen)
+            chosen = self.selection_seeds(spec, lrs)
+            total += len(lrs) * len(chosen) + len(spec.seeds) - len(chosen)
         return total
 
 
@@ -205,7 +209,7 @@ def _build_grid(
         methods_raw = {}
     methods = tuple(
         spec for label, entry in methods_raw.items()
-        if (spec := _method_spec(str(label), entry, tasks, modes, base_eps, problems)) is not None
+        if (spec := _method_spec(str(label), entry, tasks, modes, seeds, base_eps, problems)) is not None
     )
     if out is None and v.get("out") is None:
         problems.append("no results folder: set `out` in the grid or pass one (curvzo bench --out)")
@@ -233,11 +237,13 @@ def _build_grid(
     return grid
 
 
-def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: dict, problems: list[str]) -> MethodSpec | None:
+def _method_spec(
+    label: str, entry: Any, tasks: tuple, modes: tuple, seeds: tuple, base_eps: dict, problems: list[str]
+) -> MethodSpec | None:
     where = f"methods.{label}"
     entry = entry or {}
     if not isinstance(entry, dict):
-        problems.append(f"`{where}` must be a mapping (lr, tasks, modes, eps, set, method)")
+        problems.append(f"`{where}` must be a mapping (lr, tasks, modes, seeds, eps, set, method)")
         return None
     n = len(problems)
     unknown = sorted(set(entry) - _METHOD_KEYS)
@@ -253,6 +259,9 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
     own_tasks = tasks if entry.get("tasks") is None else _str_list(entry["tasks"], f"{where}.tasks", problems)
     own_modes = modes if entry.get("modes") is None else _str_list(entry["modes"], f"{where}.modes", problems)
     run_modes = tuple(m for m in modes if m in own_modes)
+    own_seeds = seeds if entry.get("seeds") is None else _int_list(entry["seeds"], f"{where}.seeds", problems)
+    if not set(own_seeds) <= set(seeds):
+        problems.append(f"`{where}.seeds` {list(own_seeds)} must be a subset of `seeds` {list(seeds)}")
     lr_raw = entry.get("lr")
     lr: dict[str, tuple[float, ...]] = {}
     if not isinstance(lr_raw, dict):
@@ -283,7 +292,8 @@ def _method_spec(label: str, entry: Any, tasks: tuple, modes: tuple, base_eps: d
     if len(problems) > n:
         return None
     return MethodSpec(label=label, method=method, lr=lr, eps=eps, tasks=tuple(t for t in tasks if t in own_tasks),
-                      modes=run_modes, settings=dict(settings), fixed_lr=fixed)
+                      modes=run_modes, seeds=tuple(s for s in seeds if s in own_seeds), settings=dict(settings),
+                      fixed_lr=fixed)
 
 
 def _fixed_lr(value: Any, lr: dict[str, tuple[float, ...]], where: str, problems: list[str]) -> dict[str, float]:

@@ -359,7 +359,7 @@ def default_lrs(grid: Grid) -> dict[str, float]:
     out = {}
     for spec in grid.methods:
         if spec.is_zo and "full" in spec.modes and spec.lr.get("full"):
-            run = training_run(grid, spec.tasks[0], spec, "full", spec.lr["full"][0], grid.seeds[0])
+            run = training_run(grid, spec.tasks[0], spec, "full", spec.lr["full"][0], spec.seeds[0])
             out[spec.label] = replace(run.config, lr=None).resolved_lr()
     return out
 
@@ -488,6 +488,7 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
     tasks = [r["task"] for r in rows]
     nseeds = len(grid.seeds)
     settings = ", ".join(f"{k} {v}" for k, v in grid.settings.items())
+    own = "; ".join(f"{spec.label} on seeds {list(spec.seeds)}" for spec in grid.methods if spec.seeds != grid.seeds)
     head = "| method | mode | " + " | ".join(tasks) + " | avg |"
     lines = [
         f"# Accuracy: {grid.model}, profile `{grid.profile}`", "",
@@ -496,7 +497,8 @@ def _markdown(grid: Grid, doc: dict[str, Any]) -> str:
         f"their best weights before the divergence), plus {s['zero_shot_runs_used']} zero-shot evaluations"
         f"{_off_selection_text(s['runs_off_selection'])}. Test {'accuracy' if all(r['metric'] in (None, 'accuracy') for r in rows) else 'metric'} (%), "
         f"mean ± std (sample) over seeds {list(grid.seeds)} of the learning rate selected on dev "
-        f"(n = seeds finished when fewer)." + (f" Settings: {settings}." if settings else ""),
+        f"(n = seeds finished when fewer)." + (f" Run on fewer seeds (the method's `seeds`): {own}." if own else "")
+        + (f" Settings: {settings}." if settings else ""),
         "", head, "|" + " --- |" * (len(tasks) + 3),
     ]
 
@@ -614,7 +616,7 @@ def _newton_lr_table(grid: Grid, doc: dict[str, Any]) -> list[str]:
              "|" + " --- |" * (len(fractions) + 4)]
     for task, label, mode in cells:
         spec = next(s for s in grid.methods if s.label == label)
-        seeds = grid.selection_seeds(spec.lr[mode])
+        seeds = grid.selection_seeds(spec, spec.lr[mode])
         texts = []
         for fraction in fractions:
             on = [r for r in runs if (r["task"], r["method"], r["mode"], r["lr"]) == (task, label, mode, fraction)

@@ -123,7 +123,7 @@ def all_runs(grid: Grid) -> Iterator[Run]:
             yield from (zero_shot_run(grid, task, s) for s in grid.seeds)
         for _, spec, mode in (c for c in grid.cells() if c[0] == task):
             for lr in spec.lr[mode]:
-                yield from (training_run(grid, task, spec, mode, lr, s) for s in grid.seeds)
+                yield from (training_run(grid, task, spec, mode, lr, s) for s in spec.seeds)
 
 
 def plan(grid: Grid) -> tuple[list[Run], int]:
@@ -139,7 +139,7 @@ def plan(grid: Grid) -> tuple[list[Run], int]:
             runs += [zero_shot_run(grid, task, s) for s in grid.seeds]
         for _, spec, mode in (c for c in grid.cells() if c[0] == task):
             runs += sweep(grid, task, spec, mode)
-            rest = [s for s in grid.seeds if s not in grid.selection_seeds(spec.lr[mode])]
+            rest = [s for s in spec.seeds if s not in grid.selection_seeds(spec, spec.lr[mode])]
             if not rest:
                 continue
             best = selection(grid, task, spec, mode)
@@ -154,7 +154,7 @@ def sweep(grid: Grid, task: str, spec: MethodSpec, mode: str) -> list[Run]:
     """One (task, method, mode)'s lr sweep: every lr on the selection seeds. Its dev selection
     exists only once all of them are finished."""
     lrs = spec.lr[mode]
-    return [training_run(grid, task, spec, mode, lr, s) for lr in lrs for s in grid.selection_seeds(lrs)]
+    return [training_run(grid, task, spec, mode, lr, s) for lr in lrs for s in grid.selection_seeds(spec, lrs)]
 
 
 def selection(grid: Grid, task: str, spec: MethodSpec, mode: str) -> float | None:
