@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,8 +106,9 @@ def test_crash_between_checkpoint_renames_keeps_the_previous_one(tiny_dir, data_
     shutil.rmtree(run)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, data_dir, tmp_path, reference):
-    """A real SIGINT between evaluations and checkpoints: the run saves where it is and exits 130."""
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, data_dir, tmp_path, reference, capsys):
+    """A real SIGINT between evaluations and checkpoints: the run saves where it is and exits 130;
+    the resumed run's result line tells its training time over every sitting from this sitting's."""
     run = tmp_path / "run"
     proc = _start(_argv(tiny_dir, data_dir, run, "--eval-every", "100"))
     _wait_for_steps(proc, run, 3)
@@ -116,6 +118,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, data_dir, tm
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("curvzo: interrupted at step ") and f"curvzo train --resume {run}" in err
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert re.search(r"training steps \d+ s over every sitting, \d+ s in this resumed sitting with loading",
+                     capsys.readouterr().out)
     _assert_same(load_file(str(run / "checkpoint" / "model.safetensors")), reference)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))

@@ -94,7 +94,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         results = _train(cfg, ranks, resume=resume, overwrite=overwrite, progress=progress and ranks.writes)
         ranks.barrier()  # no rank tears the group down while another may still be finishing a collective
         if ranks.writes and "diverged" not in results:  # a diverged run's line is the caller's to raise
-            print(result_line(results, time.perf_counter() - started, cfg.output_dir))
+            print(result_line(results, time.perf_counter() - started, cfg.output_dir, resumed=resume))
         return results
     except (RankFailed, RuntimeError) as err:
         failure = _rank_failure(ranks, err)
@@ -108,12 +108,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         ranks.close()
 
 
-def result_line(results: dict[str, Any], seconds: float, run_dir: str | Path) -> str:
-    """The one line a finished run ends with: what it reached, what it cost, where it is."""
+def result_line(results: dict[str, Any], seconds: float, run_dir: str | Path, *, resumed: bool = False) -> str:
+    """The one line a finished run ends with: what it reached, what it cost, where it is.
+
+    ``seconds`` is this command's time; the training steps' time counts every sitting of a run,
+    so a resumed run says which is which.
+    """
+    steps_span, command_span = ("over every sitting", "in this resumed sitting") if resumed else ("", "in all")
     return (f"{results['task']} {results['metric']}: zero-shot {results['zero_shot']:.4f} -> best dev "
             f"{results['best_dev']:.4f}, test {results['test']:.4f} ({results['steps']} steps, "
-            f"{results['forward_passes']} forward passes; training steps {results['wall_time_s']:.0f} s, "
-            f"{seconds:.0f} s in all with loading, evaluation, saving and plots); run folder {run_dir}")
+            f"{results['forward_passes']} forward passes; training steps {results['wall_time_s']:.0f} s"
+            f"{' ' + steps_span if steps_span else ''}, {seconds:.0f} s {command_span} with loading, evaluation, "
+            f"saving and plots); run folder {run_dir}")
 
 
 def _rank_failure(ranks: Ranks, err: BaseException) -> RankFailed | None:
