@@ -114,12 +114,11 @@ def result_line(results: dict[str, Any], seconds: float, run_dir: str | Path, *,
     ``seconds`` is this command's time; the training steps' time counts every sitting of a run,
     so a resumed run says which is which.
     """
-    steps_span, command_span = ("over every sitting", "in this resumed sitting") if resumed else ("", "in all")
+    steps_span, command_span = (" over every sitting", "in this resumed sitting") if resumed else ("", "in all")
     return (f"{results['task']} {results['metric']}: zero-shot {results['zero_shot']:.4f} -> best dev "
             f"{results['best_dev']:.4f}, test {results['test']:.4f} ({results['steps']} steps, "
-            f"{results['forward_passes']} forward passes; training steps {results['wall_time_s']:.0f} s"
-            f"{' ' + steps_span if steps_span else ''}, {seconds:.0f} s {command_span} with loading, evaluation, "
-            f"saving and plots); run folder {run_dir}")
+            f"{results['forward_passes']} forward passes; training steps {results['wall_time_s']:.0f} s{steps_span}, "
+            f"{seconds:.0f} s {command_span} with loading, evaluation, saving and plots); run folder {run_dir}")
 
 
 def _rank_failure(ranks: Ranks, err: BaseException) -> RankFailed | None:
